@@ -74,7 +74,9 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
             FsError::CrossDevice => libc::EXDEV,
-            FsError::RefConflict(_) => libc::ESTALE,
+            // Not ESTALE: the kernel silently retries an ESTALE rename, which would then
+            // succeed against the refreshed version and overwrite the other writer.
+            FsError::RefConflict(_) => libc::EBUSY,
             FsError::Unpublished { .. } => libc::EIO,
             FsError::NotSupported(_) => libc::EPERM,
             FsError::BadHandle => libc::EBADF,

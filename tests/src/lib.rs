@@ -90,11 +90,23 @@ pub struct TestMount {
 impl TestMount {
     /// Mount `store` at `root/mnt` with a cache in `root/cache-<tag>`.
     pub fn new(root: &Path, tag: &str, store: Arc<dyn ObjectStore>, url: &str) -> Result<TestMount> {
+        Self::with(root, tag, store, url, |_| {})
+    }
+
+    /// Like [`TestMount::new`], with a chance to change the config first.
+    pub fn with(
+        root: &Path,
+        tag: &str,
+        store: Arc<dyn ObjectStore>,
+        url: &str,
+        tweak: impl FnOnce(&mut MountConfig),
+    ) -> Result<TestMount> {
         let mut config = MountConfig::new(url, root.join(format!("mnt-{tag}")));
         config.cache_dir = root.join(format!("cache-{tag}"));
         config.metadata_ttl = Duration::from_millis(500);
         config.retry.backoff = Duration::from_millis(5);
         config.retry.timeout = Duration::from_secs(10);
+        tweak(&mut config);
         let handle = spawn_mount_with_store(&config, store.clone())?;
         Ok(TestMount { handle: Some(handle), config, store })
     }
