@@ -98,7 +98,7 @@ fn is_mounted(path: &std::path::Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     info.lines().any(|l| {
         let mut f = l.split(' ');
-        f.nth(4) == Some(canon.to_str().unwrap_or_default()) && l.contains(" - fuse")
+        f.nth(4) == Some(canon.to_str().unwrap_or_default()) && l.contains(" - fuse repofs:")
     })
 }
 
