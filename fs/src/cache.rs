@@ -217,14 +217,15 @@ impl DiskCache {
     /// A fresh, unique path in the staging directory (not created).
     pub fn staging_path(&self) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.staging_dir
-            .join(format!("{}-{n}", std::process::id()))
+        self.staging_dir.join(format!("{}-{n}", std::process::id()))
     }
 
     fn evict(&self) {
         let mut index = self.index.lock();
         while index.total > self.capacity {
-            let Some((_, name)) = index.lru.pop_first() else { break };
+            let Some((_, name)) = index.lru.pop_first() else {
+                break;
+            };
             if let Some((size, _)) = index.entries.remove(&name) {
                 index.total -= size;
             }
@@ -267,7 +268,10 @@ mod tests {
             put(&cache, "c", "1", &[3; 100]); // evicts b
             assert!(cache.get("b", "1").is_none());
             assert!(cache.get("a", "1").is_some());
-            assert!(cache.get("a", "2").is_none(), "another etag is another entry");
+            assert!(
+                cache.get("a", "2").is_none(),
+                "another etag is another entry"
+            );
             assert_eq!(cache.used(), 200);
             assert!(
                 DiskCache::open(dir.path(), 250, "s", stats.clone()).is_err(),

@@ -52,7 +52,9 @@ pub fn repo_of(key: &str) -> Option<RepoPath<'_>> {
 }
 
 fn is_hex(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn is_temp_name(name: &str) -> bool {
@@ -88,7 +90,10 @@ pub fn classify_rel(rel: &str) -> FileClass {
             }
         }
         ["objects", dir, file]
-            if dir.len() == 2 && is_hex(dir) && (file.len() == 38 || file.len() == 62) && is_hex(file) =>
+            if dir.len() == 2
+                && is_hex(dir)
+                && (file.len() == 38 || file.len() == 62)
+                && is_hex(file) =>
         {
             FileClass::Immutable
         }
@@ -144,7 +149,11 @@ mod tests {
             })
         );
         assert_eq!(repo_of("a/b/c"), None);
-        assert_eq!(repo_of(".git/HEAD"), None, "a bare '.git' name is not a repo here");
+        assert_eq!(
+            repo_of(".git/HEAD"),
+            None,
+            "a bare '.git' name is not a repo here"
+        );
         assert_eq!(org_agent("o/a/repo.git"), Some(("o", "a")));
         assert_eq!(org_agent("o/repo.git"), None);
     }
@@ -155,7 +164,7 @@ mod tests {
         let h40 = "0123456789abcdef0123456789abcdef01234567";
         let cases = [
             (format!("r.git/objects/ab/{h38}"), Immutable),
-            (format!("r.git/objects/ab/tmp_obj_XyZ"), Temporary),
+            ("r.git/objects/ab/tmp_obj_XyZ".to_string(), Temporary),
             (format!("r.git/objects/pack/pack-{h40}.pack"), Immutable),
             (format!("r.git/objects/pack/pack-{h40}.idx"), Immutable),
             (format!("r.git/objects/pack/pack-{h40}.rev"), Immutable),
@@ -163,7 +172,10 @@ mod tests {
             (format!("r.git/objects/pack/pack-{h40}.idx.lock"), Temporary),
             ("r.git/objects/pack/tmp_pack_abc".into(), Temporary),
             ("r.git/objects/pack/pack_git2_abc".into(), Temporary),
-            (format!("r.git/objects/incoming-abc/pack/pack-{h40}.pack"), Temporary),
+            (
+                format!("r.git/objects/incoming-abc/pack/pack-{h40}.pack"),
+                Temporary,
+            ),
             (format!("r.git/objects/incoming-abc/ab/{h38}"), Temporary),
             ("r.git/HEAD".into(), Ref),
             ("r.git/packed-refs".into(), Ref),

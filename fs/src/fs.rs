@@ -242,7 +242,14 @@ impl Tree {
             .and_then(|d| d.children.get(name).copied())
     }
 
-    fn add(&mut self, parent: u64, name: &str, kind: NodeKind, perm: u16, mtime: SystemTime) -> u64 {
+    fn add(
+        &mut self,
+        parent: u64,
+        name: &str,
+        kind: NodeKind,
+        perm: u16,
+        mtime: SystemTime,
+    ) -> u64 {
         let ino = self.next_ino;
         self.next_ino += 1;
         self.nodes.insert(
@@ -395,8 +402,7 @@ fn check_name(name: &str) -> Result<(), FsError> {
     if name.len() > MAX_NAME {
         return Err(FsError::NameTooLong);
     }
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0')
-    {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(FsError::Invalid(format!("bad file name {name:?}")));
     }
     Ok(())
@@ -415,7 +421,13 @@ enum Source {
 impl Fs {
     /// Build the core over a store and a cache. Background work (uploads) runs on
     /// `runtime`.
-    pub fn new(store: Store, cache: DiskCache, config: FsConfig, stats: Arc<Stats>, runtime: tokio::runtime::Handle) -> Fs {
+    pub fn new(
+        store: Store,
+        cache: DiskCache,
+        config: FsConfig,
+        stats: Arc<Stats>,
+        runtime: tokio::runtime::Handle,
+    ) -> Fs {
         let now = SystemTime::now();
         let mut nodes = HashMap::new();
         let mut root_children = BTreeMap::new();
@@ -582,7 +594,11 @@ impl Fs {
             let (unit_ino, unit_key, recursive) = match repo_of(&key) {
                 Some(rp) => {
                     let mut ino = dir_ino;
-                    let depth = if rp.rel.is_empty() { 0 } else { rp.rel.split('/').count() };
+                    let depth = if rp.rel.is_empty() {
+                        0
+                    } else {
+                        rp.rel.split('/').count()
+                    };
                     for _ in 0..depth {
                         ino = tree.get(ino)?.parent;
                     }
@@ -644,7 +660,9 @@ impl Fs {
     }
 
     fn is_tombstoned(tree: &Tree, key: &str, generation: u64) -> bool {
-        tree.tombstones.get(key).is_some_and(|(g, _)| *g > generation)
+        tree.tombstones
+            .get(key)
+            .is_some_and(|(g, _)| *g > generation)
     }
 
     /// Merge one object from a listing into the file node at `(parent, name)`.
@@ -706,10 +724,15 @@ impl Fs {
         {
             let mut tree = self.inner.tree.lock();
             let now = Instant::now();
-            tree.tombstones.retain(|_, (_, t)| now.duration_since(*t) < TOMBSTONE_TTL);
+            tree.tombstones
+                .retain(|_, (_, t)| now.duration_since(*t) < TOMBSTONE_TTL);
             let mut seen = HashSet::new();
             for info in &objects {
-                let Some(rel) = info.key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+                let Some(rel) = info
+                    .key
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix('/'))
+                else {
                     continue;
                 };
                 if !valid_key_segments(rel) {
@@ -736,26 +759,30 @@ impl Fs {
                 if !ok {
                     continue;
                 }
-                if let Some(ino) = Self::merge_object(&mut tree, dir, name, info, generation, &mut seen) {
+                if let Some(ino) =
+                    Self::merge_object(&mut tree, dir, name, info, generation, &mut seen)
+                {
                     inval_inodes.push(ino);
                 }
             }
             // Files this mount knew as stored that the listing no longer has.
             let mut stack = vec![root];
             while let Some(d) = stack.pop() {
-                let Some(dn) = tree.nodes.get(&d).and_then(|n| n.dir()) else { continue };
+                let Some(dn) = tree.nodes.get(&d).and_then(|n| n.dir()) else {
+                    continue;
+                };
                 for (name, &ino) in &dn.children {
                     match tree.nodes.get(&ino).map(|n| &n.kind) {
                         Some(NodeKind::Dir(_)) => stack.push(ino),
-                        Some(NodeKind::File(f)) => {
+                        Some(NodeKind::File(f))
                             if f.local.is_none()
                                 && f.remote.is_some()
                                 && f.confirmed < generation
-                                && !seen.contains(&ino)
-                            {
-                                stale_files.push((d, name.clone(), ino));
-                            }
+                                && !seen.contains(&ino) =>
+                        {
+                            stale_files.push((d, name.clone(), ino));
                         }
+                        Some(NodeKind::File(_)) => {}
                         None => {}
                     }
                 }
@@ -781,12 +808,22 @@ impl Fs {
             }
         }
         if !stale_files.is_empty() {
-            tracing::debug!(repo = prefix, removed = stale_files.len(), "listing dropped files removed from the store");
+            tracing::debug!(
+                repo = prefix,
+                removed = stale_files.len(),
+                "listing dropped files removed from the store"
+            );
         }
         self.invalidate(inval_entries, inval_inodes);
     }
 
-    fn apply_dir(&self, dir: u64, prefix: &str, listing: crate::store::DirListing, generation: u64) {
+    fn apply_dir(
+        &self,
+        dir: u64,
+        prefix: &str,
+        listing: crate::store::DirListing,
+        generation: u64,
+    ) {
         let mut inval_inodes = Vec::new();
         let mut inval_entries = Vec::new();
         {
@@ -807,13 +844,21 @@ impl Fs {
                     tracing::warn!(key = %info.key, "skipping a key that is not a valid path");
                     continue;
                 }
-                if (dir == ROOT_INO && name == CTL_DIR_NAME) || Self::is_tombstoned(&tree, &info.key, generation) {
+                if (dir == ROOT_INO && name == CTL_DIR_NAME)
+                    || Self::is_tombstoned(&tree, &info.key, generation)
+                {
                     continue;
                 }
-                if tree.child(dir, name).and_then(|i| tree.nodes.get(&i)).is_some_and(|n| n.dir().is_some()) {
+                if tree
+                    .child(dir, name)
+                    .and_then(|i| tree.nodes.get(&i))
+                    .is_some_and(|n| n.dir().is_some())
+                {
                     continue;
                 }
-                if let Some(ino) = Self::merge_object(&mut tree, dir, name, info, generation, &mut seen) {
+                if let Some(ino) =
+                    Self::merge_object(&mut tree, dir, name, info, generation, &mut seen)
+                {
                     inval_inodes.push(ino);
                 }
             }
@@ -826,7 +871,10 @@ impl Fs {
                         .iter()
                         .filter(|(_, ino)| {
                             tree.nodes.get(ino).and_then(|n| n.file()).is_some_and(|f| {
-                                f.local.is_none() && f.remote.is_some() && f.confirmed < generation && !seen.contains(ino)
+                                f.local.is_none()
+                                    && f.remote.is_some()
+                                    && f.confirmed < generation
+                                    && !seen.contains(ino)
                             })
                         })
                         .map(|(n, i)| (n.clone(), *i))
@@ -866,7 +914,9 @@ impl Fs {
         }
         let path = {
             let mut tree = self.inner.tree.lock();
-            let Some(node) = tree.nodes.get_mut(&ino) else { return };
+            let Some(node) = tree.nodes.get_mut(&ino) else {
+                return;
+            };
             node.lookups = node.lookups.saturating_sub(n);
             tree.maybe_drop(ino)
         };
@@ -964,7 +1014,12 @@ impl Fs {
         self.check_writable()?;
         check_name(name)?;
         self.ensure_listed(parent).await?;
-        let ino = self.inner.tree.lock().child(parent, name).ok_or(FsError::NotFound)?;
+        let ino = self
+            .inner
+            .tree
+            .lock()
+            .child(parent, name)
+            .ok_or(FsError::NotFound)?;
         if ino < FIRST_INO {
             return Err(FsError::ReadOnly);
         }
@@ -980,7 +1035,13 @@ impl Fs {
 
     /// List a directory. The listing is taken at `offset == 0` and kept for the handle.
     pub async fn readdir(&self, fh: u64, ino: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
-        let handle = self.inner.dir_handles.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let handle = self
+            .inner
+            .dir_handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
         let needs = offset == 0 || handle.entries.lock().is_none();
         if needs {
             self.ensure_listed(ino).await?;
@@ -988,8 +1049,18 @@ impl Fs {
             let node = tree.get(ino)?;
             let d = node.dir().ok_or(FsError::NotDir)?;
             let mut entries = vec![
-                DirEntry { ino, offset: 1, kind: Kind::Dir, name: ".".into() },
-                DirEntry { ino: node.parent, offset: 2, kind: Kind::Dir, name: "..".into() },
+                DirEntry {
+                    ino,
+                    offset: 1,
+                    kind: Kind::Dir,
+                    name: ".".into(),
+                },
+                DirEntry {
+                    ino: node.parent,
+                    offset: 2,
+                    kind: Kind::Dir,
+                    name: "..".into(),
+                },
             ];
             for (name, &child) in &d.children {
                 let kind = match tree.nodes.get(&child).map(|n| &n.kind) {
@@ -998,7 +1069,12 @@ impl Fs {
                     None => continue,
                 };
                 let offset = entries.len() as u64 + 1;
-                entries.push(DirEntry { ino: child, offset, kind, name: name.clone() });
+                entries.push(DirEntry {
+                    ino: child,
+                    offset,
+                    kind,
+                    name: name.clone(),
+                });
             }
             *handle.entries.lock() = Some(entries);
         }
@@ -1011,12 +1087,19 @@ impl Fs {
 
     /// Open a directory for listing.
     pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
-        self.inner.tree.lock().get(ino)?.dir().ok_or(FsError::NotDir)?;
-        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
         self.inner
-            .dir_handles
+            .tree
             .lock()
-            .insert(fh, Arc::new(DirHandle { entries: Mutex::new(None) }));
+            .get(ino)?
+            .dir()
+            .ok_or(FsError::NotDir)?;
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.dir_handles.lock().insert(
+            fh,
+            Arc::new(DirHandle {
+                entries: Mutex::new(None),
+            }),
+        );
         Ok(fh)
     }
 
@@ -1039,7 +1122,10 @@ impl Fs {
         let f = tree.get(ino)?.file().ok_or(FsError::IsDir)?;
         let src = match (&f.local, &f.remote) {
             (Some(l), _) => Source::Local(l.path.clone()),
-            (None, Some(r)) => Source::Remote { key: key.clone(), etag: r.etag.clone() },
+            (None, Some(r)) => Source::Remote {
+                key: key.clone(),
+                etag: r.etag.clone(),
+            },
             (None, None) => Source::Empty,
         };
         Ok((src, key))
@@ -1144,7 +1230,12 @@ impl Fs {
             let _ = std::fs::remove_file(&staging);
             return Ok(l.path.clone());
         }
-        f.local = Some(Local { path: staging.clone(), size, dirty: false, version: 0 });
+        f.local = Some(Local {
+            path: staging.clone(),
+            size,
+            dirty: false,
+            version: 0,
+        });
         Ok(staging)
     }
 
@@ -1156,7 +1247,11 @@ impl Fs {
                 return Err(FsError::ReadOnly);
             }
             let fh = self.new_handle(ino, false, Some(self.stats_json()));
-            return Ok(Opened { fh, keep_cache: false, direct_io: true });
+            return Ok(Opened {
+                fh,
+                keep_cache: false,
+                direct_io: true,
+            });
         }
         if write {
             self.check_writable()?;
@@ -1168,7 +1263,12 @@ impl Fs {
             (tree.key(ino), n.parent, f.local.is_some())
         };
         let class = classify(&key);
-        if !local && matches!(class, FileClass::Ref | FileClass::Mutable | FileClass::Plain) {
+        if !local
+            && matches!(
+                class,
+                FileClass::Ref | FileClass::Mutable | FileClass::Plain
+            )
+        {
             // Close-to-open: a mutable file is revalidated once the TTL has passed.
             self.ensure_listed(parent).await?;
         }
@@ -1181,7 +1281,11 @@ impl Fs {
         }
         let keep_cache = class == FileClass::Immutable && !local;
         let fh = self.new_handle(ino, write, None);
-        Ok(Opened { fh, keep_cache, direct_io: false })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            direct_io: false,
+        })
     }
 
     fn new_handle(&self, ino: u64, write: bool, generated: Option<Vec<u8>>) -> u64 {
@@ -1209,11 +1313,22 @@ impl Fs {
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
-        self.inner.handles.lock().get(&fh).cloned().ok_or(FsError::BadHandle)
+        self.inner
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
     }
 
     /// Create and open a file.
-    pub async fn create(&self, parent: u64, name: &str, mode: u32, flags: i32) -> Result<(Attr, Opened), FsError> {
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, Opened), FsError> {
         self.check_writable()?;
         check_name(name)?;
         if parent == CTL_DIR_INO || (parent == ROOT_INO && name == CTL_DIR_NAME) {
@@ -1246,7 +1361,12 @@ impl Fs {
                 name,
                 NodeKind::File(FileNode {
                     remote: None,
-                    local: Some(Local { path: staging, size: 0, dirty: true, version: 1 }),
+                    local: Some(Local {
+                        path: staging,
+                        size: 0,
+                        dirty: true,
+                        version: 1,
+                    }),
                     confirmed: 0,
                     writers: 0,
                     handles: 0,
@@ -1259,7 +1379,14 @@ impl Fs {
         };
         let fh = self.new_handle(ino, true, None);
         let attr = self.inner.tree.lock().attr(ino, &self.inner.config)?;
-        Ok((attr, Opened { fh, keep_cache: false, direct_io: false }))
+        Ok((
+            attr,
+            Opened {
+                fh,
+                keep_cache: false,
+                direct_io: false,
+            },
+        ))
     }
 
     /// Read up to `size` bytes at `offset`.
@@ -1281,7 +1408,9 @@ impl Fs {
             let slot = h.file.lock();
             match (&*slot, &current) {
                 (Some((p, f)), Some(cur)) if p == cur => Some(f.clone()),
-                (Some((p, f)), None) if p.starts_with("remote:") || p == std::path::Path::new("empty") => {
+                (Some((p, f)), None)
+                    if p.starts_with("remote:") || p == std::path::Path::new("empty") =>
+                {
                     Some(f.clone())
                 }
                 _ => None,
@@ -1321,7 +1450,12 @@ impl Fs {
             match &*slot {
                 Some((p, f)) if *p == path => f.clone(),
                 _ => {
-                    let f = Arc::new(std::fs::OpenOptions::new().read(true).write(true).open(&path)?);
+                    let f = Arc::new(
+                        std::fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&path)?,
+                    );
                     *slot = Some((path.clone(), f.clone()));
                     f
                 }
@@ -1349,7 +1483,11 @@ impl Fs {
         if f.metadata()?.len() < end {
             f.set_len(end)?;
             let mut tree = self.inner.tree.lock();
-            if let Some(l) = tree.get_mut(h.ino)?.file_mut().and_then(|f| f.local.as_mut()) {
+            if let Some(l) = tree
+                .get_mut(h.ino)?
+                .file_mut()
+                .and_then(|f| f.local.as_mut())
+            {
                 l.size = end;
                 l.dirty = true;
                 l.version += 1;
@@ -1378,7 +1516,9 @@ impl Fs {
 
     /// Last close of a handle.
     pub fn release(&self, fh: u64) {
-        let Some(h) = self.inner.handles.lock().remove(&fh) else { return };
+        let Some(h) = self.inner.handles.lock().remove(&fh) else {
+            return;
+        };
         let mut adopt = None;
         let drop_path = {
             let mut tree = self.inner.tree.lock();
@@ -1416,7 +1556,10 @@ impl Fs {
         let (key, dirty, linked) = {
             let tree = self.inner.tree.lock();
             let n = tree.get(ino)?;
-            let dirty = n.file().and_then(|f| f.local.as_ref()).is_some_and(|l| l.dirty);
+            let dirty = n
+                .file()
+                .and_then(|f| f.local.as_ref())
+                .is_some_and(|l| l.dirty);
             (tree.key(ino), dirty, n.linked)
         };
         if !dirty || !linked {
@@ -1455,7 +1598,9 @@ impl Fs {
         let generation = self.next_gen();
         let mut tree = self.inner.tree.lock();
         tree.tombstones.remove(key);
-        let Some(f) = tree.nodes.get_mut(&ino).and_then(|n| n.file_mut()) else { return };
+        let Some(f) = tree.nodes.get_mut(&ino).and_then(|n| n.file_mut()) else {
+            return;
+        };
         f.remote = Some(Remote::from(info));
         f.confirmed = generation;
         let unchanged = match (&f.local, version) {
@@ -1516,7 +1661,12 @@ impl Fs {
                 let _ = w.wait_for(|v| v.is_some()).await;
             }
         }
-        let failed: Vec<(String, (u64, String))> = repo.failed.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let failed: Vec<(String, (u64, String))> = repo
+            .failed
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (key, (ino, _)) in failed {
             let still_there = {
                 let tree = self.inner.tree.lock();
@@ -1524,7 +1674,10 @@ impl Fs {
             };
             if still_there {
                 if let Err(e) = self.upload_node(ino, &key).await {
-                    return Err(FsError::Unpublished { refname: refname.to_string(), reason: format!("{key}: {e}") });
+                    return Err(FsError::Unpublished {
+                        refname: refname.to_string(),
+                        reason: format!("{key}: {e}"),
+                    });
                 }
             }
             repo.failed.lock().remove(&key);
@@ -1535,7 +1688,13 @@ impl Fs {
     /// Flush everything: wait for background uploads and publish every dirty file that
     /// has its final name. Called before unmounting.
     pub async fn flush_all(&self) -> Result<(), FsError> {
-        let repos: Vec<(String, Arc<Repo>)> = self.inner.repos.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let repos: Vec<(String, Arc<Repo>)> = self
+            .inner
+            .repos
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut first_err = None;
         for (key, repo) in &repos {
             if let Err(e) = self.barrier(repo, key).await {
@@ -1547,7 +1706,12 @@ impl Fs {
             let tree = self.inner.tree.lock();
             tree.nodes
                 .iter()
-                .filter(|(_, n)| n.linked && n.file().and_then(|f| f.local.as_ref()).is_some_and(|l| l.dirty))
+                .filter(|(_, n)| {
+                    n.linked
+                        && n.file()
+                            .and_then(|f| f.local.as_ref())
+                            .is_some_and(|l| l.dirty)
+                })
                 .map(|(i, _)| *i)
                 .collect()
         };
@@ -1569,7 +1733,9 @@ impl Fs {
         for _ in 0..5 {
             let ino = self.ino_of(&format!("{repo_key}/{name}"));
             let loose = match ino {
-                Some(ino) if self.inner.tree.lock().get(ino)?.file().is_some() => parse_loose(&self.read_all(ino).await?),
+                Some(ino) if self.inner.tree.lock().get(ino)?.file().is_some() => {
+                    parse_loose(&self.read_all(ino).await?)
+                }
                 _ => None,
             };
             match loose {
@@ -1602,11 +1768,23 @@ impl Fs {
 
     fn loose_exists(&self, repo_key: &str, refname: &str) -> bool {
         self.ino_of(&format!("{repo_key}/{refname}"))
-            .is_some_and(|i| self.inner.tree.lock().nodes.get(&i).is_some_and(|n| n.file().is_some()))
+            .is_some_and(|i| {
+                self.inner
+                    .tree
+                    .lock()
+                    .nodes
+                    .get(&i)
+                    .is_some_and(|n| n.file().is_some())
+            })
     }
 
     /// Logical values of the refs a write to `rel` can change, before or after it.
-    async fn ref_view(&self, repo_key: &str, rel: &str, content: Option<&[u8]>) -> Result<BTreeMap<String, Option<Oid>>, FsError> {
+    async fn ref_view(
+        &self,
+        repo_key: &str,
+        rel: &str,
+        content: Option<&[u8]>,
+    ) -> Result<BTreeMap<String, Option<Oid>>, FsError> {
         let mut out = BTreeMap::new();
         if rel == "packed-refs" {
             for (name, oid) in parse_packed(content.unwrap_or_default()) {
@@ -1631,7 +1809,8 @@ impl Fs {
         before: BTreeMap<String, Option<Oid>>,
         after: BTreeMap<String, Option<Oid>>,
     ) {
-        let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+        let names: std::collections::BTreeSet<&String> =
+            before.keys().chain(after.keys()).collect();
         for name in names {
             let old = before.get(name).cloned().flatten();
             let new = after.get(name).cloned().flatten();
@@ -1645,7 +1824,14 @@ impl Fs {
                 Some((o, a)) => (Some(o.to_string()), Some(a.to_string())),
                 None => (None, None),
             };
-            let ev = RefUpdated { repo: repo_key.to_string(), org, agent, refname: name.clone(), old, new };
+            let ev = RefUpdated {
+                repo: repo_key.to_string(),
+                org,
+                agent,
+                refname: name.clone(),
+                old,
+                new,
+            };
             tracing::info!(repo = %repo_key, refname = %ev.refname, old = ?ev.old.as_ref().map(|o| o.to_string()), new = ?ev.new.as_ref().map(|o| o.to_string()), "ref updated");
             let _ = self.inner.events.send(ev);
         }
@@ -1654,9 +1840,19 @@ impl Fs {
     /// Publish the content of `src` as the ref file at `dst` (they are the same inode
     /// when the ref was written in place). Waits for earlier immutable uploads, then
     /// writes with compare-and-swap, then moves `src` over `dst` in the namespace.
-    async fn publish_ref(&self, repo: &Repo, repo_key: &str, src: u64, dst: u64) -> Result<(), FsError> {
+    async fn publish_ref(
+        &self,
+        repo: &Repo,
+        repo_key: &str,
+        src: u64,
+        dst: u64,
+    ) -> Result<(), FsError> {
         let dst_key = self.inner.tree.lock().key(dst);
-        let rel = dst_key.strip_prefix(repo_key).unwrap_or(&dst_key).trim_start_matches('/').to_string();
+        let rel = dst_key
+            .strip_prefix(repo_key)
+            .unwrap_or(&dst_key)
+            .trim_start_matches('/')
+            .to_string();
         self.publish_ref_at(repo, repo_key, src, &rel, None).await
     }
 
@@ -1675,10 +1871,20 @@ impl Fs {
         let old_ino = self.ino_of(&key);
         let (expected, old_content) = match old_ino {
             Some(ino) => {
-                let remote = self.inner.tree.lock().get(ino)?.file().and_then(|f| f.remote.clone());
+                let remote = self
+                    .inner
+                    .tree
+                    .lock()
+                    .get(ino)?
+                    .file()
+                    .and_then(|f| f.remote.clone());
                 match remote {
                     Some(r) => {
-                        let content = if ino == src { None } else { Some(self.read_all(ino).await?) };
+                        let content = if ino == src {
+                            None
+                        } else {
+                            Some(self.read_all(ino).await?)
+                        };
                         (Some(r.etag), content)
                     }
                     None => (None, None),
@@ -1701,7 +1907,11 @@ impl Fs {
             _ => old_content,
         };
         let before = self.ref_view(repo_key, rel, old_content.as_deref()).await?;
-        let result = self.inner.store.put_cas(&key, new_content.clone(), expected.as_deref()).await;
+        let result = self
+            .inner
+            .store
+            .put_cas(&key, new_content.clone(), expected.as_deref())
+            .await;
         let info = match result {
             Ok((info, _)) => info,
             Err(StoreError::Conflict(_)) => {
@@ -1751,7 +1961,8 @@ impl Fs {
         let generation = self.next_gen();
         let drop_path = {
             let mut tree = self.inner.tree.lock();
-            tree.tombstones.insert(key.clone(), (generation, Instant::now()));
+            tree.tombstones
+                .insert(key.clone(), (generation, Instant::now()));
             tree.unlink(ino)
         };
         if let Some(p) = drop_path {
@@ -1790,7 +2001,15 @@ impl Fs {
         };
         let class = classify(&key);
         self.wait_pending(&key).await;
-        let stored = stored || self.inner.tree.lock().nodes.get(&ino).and_then(|n| n.file()).is_some_and(|f| f.remote.is_some());
+        let stored = stored
+            || self
+                .inner
+                .tree
+                .lock()
+                .nodes
+                .get(&ino)
+                .and_then(|n| n.file())
+                .is_some_and(|f| f.remote.is_some());
         if stored && class == FileClass::Ref {
             let rp = repo_of(&key).expect("refs live in repositories");
             return self.delete_ref(rp.repo, rp.rel, ino).await;
@@ -1810,9 +2029,15 @@ impl Fs {
         let drop_path = {
             let mut tree = self.inner.tree.lock();
             if stored {
-                tree.tombstones.insert(key.clone(), (generation, Instant::now()));
+                tree.tombstones
+                    .insert(key.clone(), (generation, Instant::now()));
             }
-            let etag = tree.nodes.get(&ino).and_then(|n| n.file()).and_then(|f| f.remote.as_ref()).map(|r| r.etag.clone());
+            let etag = tree
+                .nodes
+                .get(&ino)
+                .and_then(|n| n.file())
+                .and_then(|f| f.remote.as_ref())
+                .map(|r| r.etag.clone());
             if let Some(etag) = etag {
                 self.inner.cache.remove(&key, &etag);
             }
@@ -1825,7 +2050,14 @@ impl Fs {
     }
 
     /// Rename `parent/name` to `newparent/newname`. `noreplace` is `RENAME_NOREPLACE`.
-    pub async fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, noreplace: bool) -> Result<(), FsError> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        noreplace: bool,
+    ) -> Result<(), FsError> {
         self.check_writable()?;
         check_name(name)?;
         check_name(newname)?;
@@ -1834,7 +2066,10 @@ impl Fs {
         let (src, dst, src_key, dst_key, src_is_dir) = {
             let tree = self.inner.tree.lock();
             let src = tree.child(parent, name).ok_or(FsError::NotFound)?;
-            if src < FIRST_INO || newparent == CTL_DIR_INO || (newparent == ROOT_INO && newname == CTL_DIR_NAME) {
+            if src < FIRST_INO
+                || newparent == CTL_DIR_INO
+                || (newparent == ROOT_INO && newname == CTL_DIR_NAME)
+            {
                 return Err(FsError::ReadOnly);
             }
             tree.get(newparent)?.dir().ok_or(FsError::NotDir)?;
@@ -1859,13 +2094,19 @@ impl Fs {
             let mut cur = newparent;
             while cur != ROOT_INO {
                 if cur == src {
-                    return Err(FsError::Invalid("cannot move a directory into itself".into()));
+                    return Err(FsError::Invalid(
+                        "cannot move a directory into itself".into(),
+                    ));
                 }
                 cur = tree.get(cur)?.parent;
             }
             let dst_key = {
                 let pk = tree.key(newparent);
-                if pk.is_empty() { newname.to_string() } else { format!("{pk}/{newname}") }
+                if pk.is_empty() {
+                    newname.to_string()
+                } else {
+                    format!("{pk}/{newname}")
+                }
             };
             (src, dst, tree.key(src), dst_key, src_is_dir)
         };
@@ -1878,7 +2119,10 @@ impl Fs {
         let (src_stored, src_local) = {
             let tree = self.inner.tree.lock();
             let f = tree.get(src)?.file().ok_or(FsError::IsDir)?;
-            (f.remote.is_some() && src_class.is_stored(), f.local.is_some())
+            (
+                f.remote.is_some() && src_class.is_stored(),
+                f.local.is_some(),
+            )
         };
         let src_ref_before = if src_class == FileClass::Ref && src_stored {
             let rp = repo_of(&src_key).expect("refs live in repositories");
@@ -1891,14 +2135,23 @@ impl Fs {
             FileClass::Ref => {
                 let rp = repo_of(&dst_key).expect("refs live in repositories");
                 let repo = self.repo(rp.repo);
-                self.publish_ref_at(&repo, rp.repo, src, rp.rel, Some((newparent, newname.to_string()))).await?;
+                self.publish_ref_at(
+                    &repo,
+                    rp.repo,
+                    src,
+                    rp.rel,
+                    Some((newparent, newname.to_string())),
+                )
+                .await?;
             }
             FileClass::Temporary => {
                 if src_stored {
                     self.ensure_local(src, true).await?;
                     {
                         let mut tree = self.inner.tree.lock();
-                        if let Some(l) = tree.get_mut(src)?.file_mut().and_then(|f| f.local.as_mut()) {
+                        if let Some(l) =
+                            tree.get_mut(src)?.file_mut().and_then(|f| f.local.as_mut())
+                        {
                             l.dirty = true;
                         }
                     }
@@ -1907,7 +2160,13 @@ impl Fs {
             }
             FileClass::Immutable if src_local => {
                 let already = dst.is_some_and(|d| {
-                    self.inner.tree.lock().nodes.get(&d).and_then(|n| n.file()).is_some_and(|f| f.remote.is_some() && f.local.is_none())
+                    self.inner
+                        .tree
+                        .lock()
+                        .nodes
+                        .get(&d)
+                        .and_then(|n| n.file())
+                        .is_some_and(|f| f.remote.is_some() && f.local.is_none())
                 });
                 if already {
                     // Same name, same content: the store already has it.
@@ -1918,7 +2177,9 @@ impl Fs {
                 } else {
                     {
                         let mut tree = self.inner.tree.lock();
-                        if let Some(l) = tree.get_mut(src)?.file_mut().and_then(|f| f.local.as_mut()) {
+                        if let Some(l) =
+                            tree.get_mut(src)?.file_mut().and_then(|f| f.local.as_mut())
+                        {
                             l.dirty = true;
                         }
                     }
@@ -1931,7 +2192,11 @@ impl Fs {
             _ if src_local => {
                 let (path, version) = {
                     let tree = self.inner.tree.lock();
-                    let l = tree.get(src)?.file().and_then(|f| f.local.as_ref()).ok_or(FsError::NotFound)?;
+                    let l = tree
+                        .get(src)?
+                        .file()
+                        .and_then(|f| f.local.as_ref())
+                        .ok_or(FsError::NotFound)?;
                     (l.path.clone(), l.version)
                 };
                 let info = self.inner.store.put_file(&dst_key, &path).await?;
@@ -1941,7 +2206,12 @@ impl Fs {
             _ => {
                 // Stored under another name: copy in the store.
                 self.inner.store.copy(&src_key, &dst_key).await?;
-                let info = self.inner.store.head(&dst_key).await?.ok_or(FsError::NotFound)?;
+                let info = self
+                    .inner
+                    .store
+                    .head(&dst_key)
+                    .await?
+                    .ok_or(FsError::NotFound)?;
                 self.move_replacing(src, newparent, newname);
                 self.mark_stored(src, &dst_key, &info, None);
             }
@@ -1949,7 +2219,11 @@ impl Fs {
         if src_stored && src_key != dst_key {
             self.inner.store.delete(&src_key).await?;
             let generation = self.next_gen();
-            self.inner.tree.lock().tombstones.insert(src_key.clone(), (generation, Instant::now()));
+            self.inner
+                .tree
+                .lock()
+                .tombstones
+                .insert(src_key.clone(), (generation, Instant::now()));
             if let (FileClass::Ref, Some(before)) = (src_class, src_ref_before) {
                 // A ref renamed away is deleted under its old name.
                 let rp = repo_of(&src_key).expect("refs live in repositories");
@@ -1980,17 +2254,27 @@ impl Fs {
         self.invalidate(Vec::new(), inval);
     }
 
-    fn rename_dir(&self, src: u64, dst: Option<u64>, newparent: u64, newname: &str) -> Result<(), FsError> {
+    fn rename_dir(
+        &self,
+        src: u64,
+        dst: Option<u64>,
+        newparent: u64,
+        newname: &str,
+    ) -> Result<(), FsError> {
         let mut tree = self.inner.tree.lock();
         // Only directories whose files are all local can move: stored keys would all
         // have to be copied. EXDEV makes `mv` fall back to copy and delete.
         let mut stack = vec![src];
         while let Some(d) = stack.pop() {
-            let Some(dn) = tree.nodes.get(&d).and_then(|n| n.dir()) else { continue };
+            let Some(dn) = tree.nodes.get(&d).and_then(|n| n.dir()) else {
+                continue;
+            };
             for &c in dn.children.values() {
                 match tree.nodes.get(&c).map(|n| &n.kind) {
                     Some(NodeKind::Dir(_)) => stack.push(c),
-                    Some(NodeKind::File(f)) if f.remote.is_some() => return Err(FsError::CrossDevice),
+                    Some(NodeKind::File(f)) if f.remote.is_some() => {
+                        return Err(FsError::CrossDevice)
+                    }
                     _ => {}
                 }
             }

@@ -61,7 +61,7 @@ fn errno(op: &str, e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-fn name_str<'a>(name: &'a OsStr) -> Result<&'a str, FsError> {
+fn name_str(name: &OsStr) -> Result<&str, FsError> {
     name.to_str()
         .ok_or_else(|| FsError::Invalid("file names must be UTF-8".into()))
 }
@@ -90,6 +90,23 @@ impl Filesystem for FuseFs {
         let res = name_str(name).and_then(|n| self.run(self.fs.lookup(parent.0, n)));
         match res {
             Ok(a) => reply.entry(&self.ttl, &to_attr(&a), Generation(0)),
+            Err(FsError::NotFound) => {
+                // A negative entry (inode 0): the kernel remembers the miss for the TTL,
+                // so git's many probes for absent files do not each cost a request.
+                let mut neg = to_attr(&Attr {
+                    ino: 0,
+                    kind: Kind::File,
+                    size: 0,
+                    mtime: SystemTime::UNIX_EPOCH,
+                    ctime: SystemTime::UNIX_EPOCH,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                });
+                neg.ino = INodeNo(0);
+                reply.entry(&self.ttl, &neg, Generation(0));
+            }
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
@@ -132,7 +149,15 @@ impl Filesystem for FuseFs {
     }
 
     #[instrument(level = "debug", skip_all, fields(req = %req.unique().0, ino = parent.0, name = ?name))]
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let res = name_str(name).and_then(|n| self.run(self.fs.mkdir(parent.0, n, mode & !umask)));
         match res {
             Ok(a) => reply.entry(&self.ttl, &to_attr(&a), Generation(0)),
@@ -169,7 +194,9 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
             reply.error(Errno::EINVAL);
             return;
         }
@@ -184,20 +211,51 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         match self.fs.link() {
             Ok(a) => reply.entry(&self.ttl, &to_attr(&a), Generation(0)),
             Err(e) => reply.error(errno("link", &e)),
         }
     }
 
-    fn symlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _target: &std::path::Path, reply: ReplyEntry) {
-        let e = if self.fs.config().read_only { FsError::ReadOnly } else { FsError::NotSupported("symlink") };
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let e = if self.fs.config().read_only {
+            FsError::ReadOnly
+        } else {
+            FsError::NotSupported("symlink")
+        };
         reply.error(errno("symlink", &e));
     }
 
-    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
-        let e = if self.fs.config().read_only { FsError::ReadOnly } else { FsError::NotSupported("mknod") };
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let e = if self.fs.config().read_only {
+            FsError::ReadOnly
+        } else {
+            FsError::NotSupported("mknod")
+        };
         reply.error(errno("mknod", &e));
     }
 
@@ -247,7 +305,14 @@ impl Filesystem for FuseFs {
     }
 
     #[instrument(level = "debug", skip_all, fields(req = %req.unique().0, ino = ino.0))]
-    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         match self.run(self.fs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", &e)),
@@ -269,7 +334,14 @@ impl Filesystem for FuseFs {
     }
 
     #[instrument(level = "debug", skip_all, fields(req = %req.unique().0, ino = ino.0))]
-    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.run(self.fs.fsync(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", &e)),
@@ -284,7 +356,14 @@ impl Filesystem for FuseFs {
     }
 
     #[instrument(level = "debug", skip_all, fields(req = %req.unique().0, ino = ino.0, offset))]
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.run(self.fs.readdir(fh.0, ino.0, offset)) {
             Ok(entries) => {
                 for e in entries {
@@ -302,12 +381,26 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -336,7 +429,8 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let res = name_str(name).and_then(|n| self.run(self.fs.create(parent.0, n, mode & !umask, flags)));
+        let res = name_str(name)
+            .and_then(|n| self.run(self.fs.create(parent.0, n, mode & !umask, flags)));
         match res {
             Ok((a, o)) => reply.created(
                 &self.ttl,
@@ -349,7 +443,14 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
@@ -401,7 +502,9 @@ impl KernelInvalidator {
             .spawn(move || {
                 for msg in rx {
                     let res = match &msg {
-                        Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+                        Inval::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                        }
                         Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
                     };
                     if let Err(e) = res {
@@ -413,7 +516,9 @@ impl KernelInvalidator {
                 }
             })
             .expect("spawn invalidation thread");
-        KernelInvalidator { tx: std::sync::Mutex::new(tx) }
+        KernelInvalidator {
+            tx: std::sync::Mutex::new(tx),
+        }
     }
 }
 
@@ -429,4 +534,3 @@ impl Invalidator for KernelInvalidator {
         }
     }
 }
-

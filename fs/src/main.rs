@@ -10,7 +10,11 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(name = "repofs", version, about = "Keep git repositories in object storage and mount them")]
+#[command(
+    name = "repofs",
+    version,
+    about = "Keep git repositories in object storage and mount them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -50,13 +54,23 @@ struct MountArgs {
     #[arg(long, short = 'f', env = "REPOFS_FOREGROUND", help_heading = "Mount")]
     foreground: bool,
     /// FUSE worker threads.
-    #[arg(long, env = "REPOFS_THREADS", default_value_t = 8, help_heading = "Mount")]
+    #[arg(
+        long,
+        env = "REPOFS_THREADS",
+        default_value_t = 8,
+        help_heading = "Mount"
+    )]
     threads: usize,
     /// Timeout of one store request (retried with backoff on transient errors).
     #[arg(long, env = "REPOFS_STORE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, help_heading = "Store")]
     store_timeout: Duration,
     /// Retries of a store request after a transient error.
-    #[arg(long, env = "REPOFS_STORE_RETRIES", default_value_t = 4, help_heading = "Store")]
+    #[arg(
+        long,
+        env = "REPOFS_STORE_RETRIES",
+        default_value_t = 4,
+        help_heading = "Store"
+    )]
     store_retries: u32,
     /// Command run (with `sh -c`) for every ref update; the event is JSON on stdin:
     /// {"repo","org","agent","refname","old","new"}.
@@ -66,13 +80,21 @@ struct MountArgs {
     #[arg(long, env = "REPOFS_LOG_FILE", help_heading = "Logging")]
     log_file: Option<PathBuf>,
     /// Log format: text or json. Verbosity comes from RUST_LOG (default info).
-    #[arg(long, env = "REPOFS_LOG_FORMAT", default_value = "text", help_heading = "Logging")]
+    #[arg(
+        long,
+        env = "REPOFS_LOG_FORMAT",
+        default_value = "text",
+        help_heading = "Logging"
+    )]
     log_format: String,
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -83,7 +105,11 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Cmd::Mount(args) = cli.command;
-    let res = if args.foreground { run_foreground(args) } else { detach(args) };
+    let res = if args.foreground {
+        run_foreground(args)
+    } else {
+        detach(args)
+    };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -94,8 +120,12 @@ fn main() -> ExitCode {
 }
 
 fn is_mounted(path: &std::path::Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else { return false };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     info.lines().any(|l| {
         let mut f = l.split(' ');
         f.nth(4) == Some(canon.to_str().unwrap_or_default()) && l.contains(" - fuse repofs:")
@@ -104,10 +134,21 @@ fn is_mounted(path: &std::path::Path) -> bool {
 
 /// Start the daemon in the background and return once it has mounted (or failed).
 fn detach(args: MountArgs) -> anyhow::Result<()> {
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&args.store_url));
-    std::fs::create_dir_all(&cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let log = args.log_file.clone().unwrap_or_else(|| cache_dir.join("repofs.log"));
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("opening log file {}", log.display()))?;
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| default_cache_dir(&args.store_url));
+    std::fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    let log = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| cache_dir.join("repofs.log"));
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening log file {}", log.display()))?;
     let exe = std::env::current_exe().context("locating the repofs binary")?;
     let mut child = Command::new(exe)
         .args(std::env::args_os().skip(1))
@@ -120,10 +161,19 @@ fn detach(args: MountArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
-            anyhow::bail!("the daemon exited with {status} before mounting; see {}", log.display());
+            anyhow::bail!(
+                "the daemon exited with {status} before mounting; see {}",
+                log.display()
+            );
         }
         if is_mounted(&args.mountpoint) && !is_stale_mount(&args.mountpoint) {
-            println!("repofs: mounted {} at {} (pid {}, log {})", args.store_url, args.mountpoint.display(), child.id(), log.display());
+            println!(
+                "repofs: mounted {} at {} (pid {}, log {})",
+                args.store_url,
+                args.mountpoint.display(),
+                child.id(),
+                log.display()
+            );
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -145,23 +195,33 @@ fn run_foreground(args: MountArgs) -> anyhow::Result<()> {
     config.retry.timeout = args.store_timeout;
     config.retry.retries = args.store_retries;
     let handle = spawn_mount(&config).context("mount failed")?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     if let Some(cmd) = args.on_ref_update.clone() {
         let mut rx = handle.subscribe();
-        std::thread::Builder::new().name("repofs-hook".into()).spawn(move || {
-            let hook_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            hook_rt.block_on(async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) => run_hook(&cmd, &ev),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::error!(missed = n, "ref-update hook fell behind; events were dropped");
+        std::thread::Builder::new()
+            .name("repofs-hook".into())
+            .spawn(move || {
+                let hook_rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                hook_rt.block_on(async move {
+                    loop {
+                        match rx.recv().await {
+                            Ok(ev) => run_hook(&cmd, &ev),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                tracing::error!(
+                                    missed = n,
+                                    "ref-update hook fell behind; events were dropped"
+                                );
+                            }
+                            Err(_) => break,
                         }
-                        Err(_) => break,
                     }
-                }
-            });
-        })?;
+                });
+            })?;
     }
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -186,7 +246,11 @@ fn run_foreground(args: MountArgs) -> anyhow::Result<()> {
 
 fn run_hook(cmd: &str, ev: &repofs::RefUpdated) {
     let json = serde_json::to_vec(ev).unwrap_or_default();
-    let child = Command::new("sh").arg("-c").arg(cmd).stdin(Stdio::piped()).spawn();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .spawn();
     match child {
         Ok(mut c) => {
             if let Some(mut stdin) = c.stdin.take() {
@@ -195,7 +259,9 @@ fn run_hook(cmd: &str, ev: &repofs::RefUpdated) {
             }
             match c.wait() {
                 Ok(s) if s.success() => {}
-                Ok(s) => tracing::warn!(hook = cmd, status = %s, refname = %ev.refname, "ref-update hook failed"),
+                Ok(s) => {
+                    tracing::warn!(hook = cmd, status = %s, refname = %ev.refname, "ref-update hook failed")
+                }
                 Err(e) => tracing::warn!(hook = cmd, error = %e, "ref-update hook failed"),
             }
         }

@@ -116,7 +116,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("invalid size {s:?} (expected e.g. 512M or 2G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// A mounted filesystem. Dropping it flushes and unmounts.
@@ -161,7 +162,11 @@ fn clear_stale(path: &Path) -> Result<(), MountError> {
     } else {
         Err(MountError::Mount {
             path: path.to_path_buf(),
-            reason: format!("a stale mount is in the way; run `umount {}` (as root) or `fusermount3 -u {}`", path.display(), path.display()),
+            reason: format!(
+                "a stale mount is in the way; run `umount {}` (as root) or `fusermount3 -u {}`",
+                path.display(),
+                path.display()
+            ),
         })
     }
 }
@@ -174,13 +179,19 @@ pub fn spawn_mount(config: &MountConfig) -> Result<MountHandle, MountError> {
 }
 
 /// Mount an already-built object store (tests use this to inject faults).
-pub fn spawn_mount_with_store(config: &MountConfig, object_store: Arc<dyn ObjectStore>) -> Result<MountHandle, MountError> {
+pub fn spawn_mount_with_store(
+    config: &MountConfig,
+    object_store: Arc<dyn ObjectStore>,
+) -> Result<MountHandle, MountError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("repofs-io")
         .enable_all()
         .build()
-        .map_err(|e| MountError::Mount { path: config.mountpoint.clone(), reason: format!("cannot start the I/O runtime: {e}") })?;
+        .map_err(|e| MountError::Mount {
+            path: config.mountpoint.clone(),
+            reason: format!("cannot start the I/O runtime: {e}"),
+        })?;
     let fs = build_fs(config, object_store, runtime.handle().clone())?;
     clear_stale(&config.mountpoint)?;
     std::fs::create_dir_all(&config.mountpoint).map_err(|e| MountError::Mount {
@@ -205,13 +216,15 @@ pub fn spawn_mount_with_store(config: &MountConfig, object_store: Arc<dyn Object
         fuse_config.acl = fuser::SessionACL::All;
     }
     let adapter = FuseFs::new(fs.clone(), runtime.handle().clone());
-    let session = fuser::spawn_mount(adapter, &config.mountpoint, &fuse_config).map_err(|e| MountError::Mount {
-        path: config.mountpoint.clone(),
-        reason: if e.kind() == std::io::ErrorKind::PermissionDenied {
-            format!("{e} (mounting needs root, or fusermount3 from the fuse3 package)")
-        } else {
-            e.to_string()
-        },
+    let session = fuser::spawn_mount(adapter, &config.mountpoint, &fuse_config).map_err(|e| {
+        MountError::Mount {
+            path: config.mountpoint.clone(),
+            reason: if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!("{e} (mounting needs root, or fusermount3 from the fuse3 package)")
+            } else {
+                e.to_string()
+            },
+        }
     })?;
     fs.set_invalidator(Arc::new(KernelInvalidator::start(session.notifier())));
     tracing::info!(
@@ -223,14 +236,28 @@ pub fn spawn_mount_with_store(config: &MountConfig, object_store: Arc<dyn Object
         read_only = config.read_only,
         "mounted"
     );
-    Ok(MountHandle { fs, session: Some(session), runtime: Some(runtime), mountpoint: config.mountpoint.clone() })
+    Ok(MountHandle {
+        fs,
+        session: Some(session),
+        runtime: Some(runtime),
+        mountpoint: config.mountpoint.clone(),
+    })
 }
 
 /// Build the filesystem core without mounting it.
-pub fn build_fs(config: &MountConfig, object_store: Arc<dyn ObjectStore>, rt: tokio::runtime::Handle) -> Result<Fs, MountError> {
+pub fn build_fs(
+    config: &MountConfig,
+    object_store: Arc<dyn ObjectStore>,
+    rt: tokio::runtime::Handle,
+) -> Result<Fs, MountError> {
     let stats = Arc::new(Stats::default());
     let store = Store::new(object_store, stats.clone(), config.retry.clone());
-    let cache = DiskCache::open(&config.cache_dir, config.cache_size, &config.store_url, stats.clone())?;
+    let cache = DiskCache::open(
+        &config.cache_dir,
+        config.cache_size,
+        &config.store_url,
+        stats.clone(),
+    )?;
     let fs_config = FsConfig {
         metadata_ttl: config.metadata_ttl,
         read_only: config.read_only,
@@ -242,11 +269,15 @@ pub fn build_fs(config: &MountConfig, object_store: Arc<dyn ObjectStore>, rt: to
 }
 
 fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0)
 }
 
 fn current_gid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m)).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap_or(0)
 }
 
 impl MountHandle {
@@ -272,7 +303,10 @@ impl MountHandle {
 
     /// Run a future on the filesystem's own runtime and wait for it. Safe to call from
     /// any thread, including inside another tokio runtime's blocking section.
-    fn run_blocking<T: Send + 'static>(&self, fut: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+    fn run_blocking<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
         let rt = self.runtime.as_ref()?;
         let (tx, rx) = std::sync::mpsc::channel();
         rt.spawn(async move {
@@ -297,13 +331,24 @@ impl MountHandle {
     }
 
     fn shutdown(&mut self) -> Result<(), MountError> {
-        let flushed = if self.session.as_ref().is_some_and(|s| !s.guard.is_finished()) { self.flush() } else { Ok(()) };
+        let flushed = if self
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+        {
+            self.flush()
+        } else {
+            Ok(())
+        };
         let mut result = flushed;
         if let Some(session) = self.session.take() {
             if let Err(e) = session.umount_and_join() {
                 // The kernel may already have dropped the mount (external umount).
                 if is_stale_mount(&self.mountpoint) || e.raw_os_error() != Some(libc::EINVAL) {
-                    result = result.and(Err(MountError::Unmount { path: self.mountpoint.clone(), source: e }));
+                    result = result.and(Err(MountError::Unmount {
+                        path: self.mountpoint.clone(),
+                        source: e,
+                    }));
                 }
             }
         }

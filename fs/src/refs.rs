@@ -14,7 +14,8 @@ impl Oid {
     /// Parse a 40- or 64-digit hex object id.
     pub fn parse(s: &str) -> Option<Oid> {
         let ok = (s.len() == 40 || s.len() == 64)
-            && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         ok.then(|| Oid(s.to_string()))
     }
 

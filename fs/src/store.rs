@@ -332,7 +332,9 @@ impl Store {
                 attempt += 1;
                 Stats::inc(&self.stats.store_retries);
                 match &res {
-                    Ok(Err(e)) => tracing::warn!(op, key, attempt, error = %e, "store request failed, retrying"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(op, key, attempt, error = %e, "store request failed, retrying")
+                    }
                     _ => tracing::warn!(op, key, attempt, "store request timed out, retrying"),
                 }
                 tokio::time::sleep(backoff).await;
@@ -357,10 +359,10 @@ impl Store {
     fn map_err(&self, op: &'static str, key: &str, e: object_store::Error) -> StoreError {
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_string()),
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                StoreError::Conflict(key.to_string())
-            }
-            object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. } => {
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => StoreError::Conflict(key.to_string()),
+            object_store::Error::NotImplemented { .. }
+            | object_store::Error::NotSupported { .. } => {
                 StoreError::NotSupported(format!("{op}: {e}"))
             }
             source => {
@@ -432,7 +434,15 @@ impl Store {
         })
         .await
         .map_err(|e| match e {
-            StoreError::Request { source, .. } if matches!(source, object_store::Error::Generic { store: "local-io", .. }) => {
+            StoreError::Request { source, .. }
+                if matches!(
+                    source,
+                    object_store::Error::Generic {
+                        store: "local-io",
+                        ..
+                    }
+                ) =>
+            {
                 io(std::io::Error::other(source.to_string()))
             }
             e => e,
@@ -467,11 +477,7 @@ impl Store {
         Stats::add(&self.stats.bytes_up, len);
         let etag = match res.e_tag {
             Some(e) => e,
-            None => self
-                .head(key)
-                .await?
-                .map(|i| i.etag)
-                .unwrap_or_default(),
+            None => self.head(key).await?.map(|i| i.etag).unwrap_or_default(),
         };
         Ok(ObjectInfo {
             key: key.to_string(),
@@ -502,7 +508,10 @@ impl Store {
         let res = self
             .run("put_multipart", key, || async {
                 Stats::inc(&self.stats.store_put);
-                let upload = self.inner.put_multipart_opts(&path, Default::default()).await?;
+                let upload = self
+                    .inner
+                    .put_multipart_opts(&path, Default::default())
+                    .await?;
                 let mut writer =
                     object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
                 let mut file = tokio::fs::File::open(src)

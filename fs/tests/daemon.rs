@@ -108,9 +108,22 @@ fn hook_gets_each_event_and_sigterm_flushes_and_unmounts() {
     let mut d = Daemon::start(root, &["--on-ref-update", &hook]);
     let bare = d.mnt.join(REPO);
     std::fs::create_dir_all(bare.parent().expect("parent")).expect("mkdir");
-    git_ok(root, &["init", "-q", "--bare", "-b", "main", bare.to_str().expect("utf8")]);
+    git_ok(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().expect("utf8"),
+        ],
+    );
     let src = root.join("src");
-    git_ok(root, &["init", "-q", "-b", "main", src.to_str().expect("utf8")]);
+    git_ok(
+        root,
+        &["init", "-q", "-b", "main", src.to_str().expect("utf8")],
+    );
     std::fs::write(src.join("a.md"), "a").expect("write");
     git_ok(&src, &["add", "."]);
     git_ok(&src, &["commit", "-qm", "a"]);
@@ -147,13 +160,26 @@ fn sigkill_during_pushes_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().expect("tmp");
     let root = tmp.path();
     let src = root.join("src");
-    git_ok(root, &["init", "-q", "-b", "main", src.to_str().expect("utf8")]);
+    git_ok(
+        root,
+        &["init", "-q", "-b", "main", src.to_str().expect("utf8")],
+    );
     let mut acknowledged: Vec<String> = Vec::new();
     {
         let d = Daemon::start(root, &[]);
         let bare = d.mnt.join(REPO);
         std::fs::create_dir_all(bare.parent().expect("parent")).expect("mkdir");
-        git_ok(root, &["init", "-q", "--bare", "-b", "main", bare.to_str().expect("utf8")]);
+        git_ok(
+            root,
+            &[
+                "init",
+                "-q",
+                "--bare",
+                "-b",
+                "main",
+                bare.to_str().expect("utf8"),
+            ],
+        );
     }
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     let mut rand = move || {
@@ -177,7 +203,10 @@ fn sigkill_during_pushes_loses_nothing_acknowledged() {
             }
             std::fs::write(src.join("log.md"), format!("{round}-{i}")).expect("write");
             git_ok(&src, &["add", "-A"]);
-            git_ok(&src, &["commit", "-qm", &format!("round {round} commit {i}")]);
+            git_ok(
+                &src,
+                &["commit", "-qm", &format!("round {round} commit {i}")],
+            );
         }
         let tip = git_ok(&src, &["rev-parse", "HEAD"]);
         let url = bare.to_str().expect("utf8").to_string();
@@ -185,12 +214,19 @@ fn sigkill_during_pushes_loses_nothing_acknowledged() {
         let started = Instant::now();
         let push = std::thread::spawn(move || {
             let out = git(&src2, &["push", "-q", &url, "main"]);
-            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
         });
         std::thread::sleep(Duration::from_millis(rand() % 400));
         d.kill9();
         let (ok, err) = push.join().expect("join");
-        eprintln!("round {round}: killed after {:?}, push ok={ok} {}", started.elapsed(), err.lines().last().unwrap_or(""));
+        eprintln!(
+            "round {round}: killed after {:?}, push ok={ok} {}",
+            started.elapsed(),
+            err.lines().last().unwrap_or("")
+        );
         if ok {
             acknowledged.push(tip);
         }

@@ -89,7 +89,12 @@ pub struct TestMount {
 
 impl TestMount {
     /// Mount `store` at `root/mnt` with a cache in `root/cache-<tag>`.
-    pub fn new(root: &Path, tag: &str, store: Arc<dyn ObjectStore>, url: &str) -> Result<TestMount> {
+    pub fn new(
+        root: &Path,
+        tag: &str,
+        store: Arc<dyn ObjectStore>,
+        url: &str,
+    ) -> Result<TestMount> {
         Self::with(root, tag, store, url, |_| {})
     }
 
@@ -108,7 +113,11 @@ impl TestMount {
         config.retry.timeout = Duration::from_secs(10);
         tweak(&mut config);
         let handle = spawn_mount_with_store(&config, store.clone())?;
-        Ok(TestMount { handle: Some(handle), config, store })
+        Ok(TestMount {
+            handle: Some(handle),
+            config,
+            store,
+        })
     }
 
     /// Mount a `file://` store at `root/store`.
@@ -158,10 +167,19 @@ pub async fn export_store(store: &dyn ObjectStore, prefix: &str, dest: &Path) ->
     let mut n = 0;
     while let Some(meta) = list.next().await {
         let meta = meta?;
-        let rel = meta.location.as_ref().strip_prefix(prefix).unwrap_or(meta.location.as_ref()).trim_start_matches('/');
+        let rel = meta
+            .location
+            .as_ref()
+            .strip_prefix(prefix)
+            .unwrap_or(meta.location.as_ref())
+            .trim_start_matches('/');
         let out = dest.join(rel);
         std::fs::create_dir_all(out.parent().expect("has parent"))?;
-        let data = store.get_opts(&meta.location, GetOptions::default()).await?.bytes().await?;
+        let data = store
+            .get_opts(&meta.location, GetOptions::default())
+            .await?
+            .bytes()
+            .await?;
         std::fs::write(out, data)?;
         n += 1;
     }
@@ -195,7 +213,13 @@ impl FaultyStore {
     /// Wrap `inner`.
     pub fn new(inner: Arc<dyn ObjectStore>) -> (Arc<FaultyStore>, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
-        (Arc::new(FaultyStore { inner, faults: faults.clone() }), faults)
+        (
+            Arc::new(FaultyStore {
+                inner,
+                faults: faults.clone(),
+            }),
+            faults,
+        )
     }
 
     async fn gate(&self) {
@@ -206,7 +230,10 @@ impl FaultyStore {
 
     fn injected_error(&self, what: &str) -> object_store::Error {
         self.faults.injected.fetch_add(1, Ordering::SeqCst);
-        object_store::Error::Generic { store: "faulty", source: format!("injected failure: {what}").into() }
+        object_store::Error::Generic {
+            store: "faulty",
+            source: format!("injected failure: {what}").into(),
+        }
     }
 }
 
@@ -218,9 +245,19 @@ impl std::fmt::Display for FaultyStore {
 
 #[async_trait::async_trait]
 impl ObjectStore for FaultyStore {
-    async fn put_opts(&self, location: &StorePath, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &StorePath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         self.gate().await;
-        let pat = self.faults.fail_put_containing.lock().expect("lock").clone();
+        let pat = self
+            .faults
+            .fail_put_containing
+            .lock()
+            .expect("lock")
+            .clone();
         if let Some(p) = pat {
             if location.as_ref().contains(&p) {
                 return Err(self.injected_error(location.as_ref()));
@@ -229,12 +266,20 @@ impl ObjectStore for FaultyStore {
         self.inner.put_opts(location, payload, opts).await
     }
 
-    async fn put_multipart_opts(&self, location: &StorePath, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+    async fn put_multipart_opts(
+        &self,
+        location: &StorePath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.gate().await;
         self.inner.put_multipart_opts(location, opts).await
     }
 
-    async fn get_opts(&self, location: &StorePath, options: GetOptions) -> object_store::Result<GetResult> {
+    async fn get_opts(
+        &self,
+        location: &StorePath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
         self.gate().await;
         self.inner.get_opts(location, options).await
     }
@@ -246,16 +291,27 @@ impl ObjectStore for FaultyStore {
         self.inner.delete_stream(locations)
     }
 
-    fn list(&self, prefix: Option<&StorePath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+    fn list(
+        &self,
+        prefix: Option<&StorePath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         self.inner.list(prefix)
     }
 
-    async fn list_with_delimiter(&self, prefix: Option<&StorePath>) -> object_store::Result<ListResult> {
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&StorePath>,
+    ) -> object_store::Result<ListResult> {
         self.gate().await;
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy_opts(&self, from: &StorePath, to: &StorePath, options: CopyOptions) -> object_store::Result<()> {
+    async fn copy_opts(
+        &self,
+        from: &StorePath,
+        to: &StorePath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
         self.gate().await;
         self.inner.copy_opts(from, to, options).await
     }
@@ -263,5 +319,11 @@ impl ObjectStore for FaultyStore {
 
 /// Bytes of an object, or None.
 pub async fn read_object(store: &dyn ObjectStore, key: &str) -> Option<Bytes> {
-    store.get_opts(&StorePath::from(key), GetOptions::default()).await.ok()?.bytes().await.ok()
+    store
+        .get_opts(&StorePath::from(key), GetOptions::default())
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()
 }

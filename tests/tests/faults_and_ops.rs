@@ -13,10 +13,24 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("runtime")
 }
 
-fn setup_repo(root: &std::path::Path, m: &TestMount, commits: usize) -> anyhow::Result<std::path::PathBuf> {
+fn setup_repo(
+    root: &std::path::Path,
+    m: &TestMount,
+    commits: usize,
+) -> anyhow::Result<std::path::PathBuf> {
     let bare = m.path().join(REPO);
     std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(root, &["init", "-q", "--bare", "-b", "main", bare.to_str().expect("utf8")])?;
+    git(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().expect("utf8"),
+        ],
+    )?;
     let src = make_source(root, commits)?;
     git(&src, &["push", "-q", bare.to_str().expect("utf8"), "main"])?;
     Ok(src)
@@ -31,20 +45,32 @@ fn failed_object_upload_never_publishes_the_ref() -> anyhow::Result<()> {
     let m = TestMount::new(root, "a", faulty, "memory://")?;
     let src = setup_repo(root, &m, 1)?;
     let bare = m.path().join(REPO);
-    let before = rt().block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main"))).expect("ref stored");
+    let before = rt()
+        .block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main")))
+        .expect("ref stored");
 
     *faults.fail_put_containing.lock().expect("lock") = Some("/objects/".into());
     let c2 = commit_file(&src, "x.md", "x\n")?;
     let err = git_fails(&src, &["push", "-q", bare.to_str().expect("utf8"), "main"])?;
-    assert!(err.contains("main"), "git names the ref it could not update: {err}");
+    assert!(
+        err.contains("main"),
+        "git names the ref it could not update: {err}"
+    );
     assert!(faults.injected.load(Ordering::SeqCst) > 0);
-    let after = rt().block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main"))).expect("ref stored");
-    assert_eq!(before, after, "the stored ref still points at the old, complete commit");
+    let after = rt()
+        .block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main")))
+        .expect("ref stored");
+    assert_eq!(
+        before, after,
+        "the stored ref still points at the old, complete commit"
+    );
 
     // once the store recovers, the same push goes through and the store is complete
     *faults.fail_put_containing.lock().expect("lock") = None;
     git(&src, &["push", "-q", bare.to_str().expect("utf8"), "main"])?;
-    let stored = rt().block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main"))).expect("ref");
+    let stored = rt()
+        .block_on(read_object(&*mem, &format!("{REPO}/refs/heads/main")))
+        .expect("ref");
     assert_eq!(String::from_utf8_lossy(&stored).trim(), c2);
     let exported = root.join("exported.git");
     rt().block_on(export_store(&*mem, REPO, &exported))?;
@@ -65,7 +91,11 @@ fn a_hanging_store_gives_an_error_not_a_hang() -> anyhow::Result<()> {
     faults.hang.store(true, Ordering::SeqCst);
     let start = Instant::now();
     let err = std::fs::read_dir(m.path().join("some-dir")).expect_err("listing must fail");
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
     assert!(m.fs().stats().snapshot().store_retries >= 1);
     faults.hang.store(false, Ordering::SeqCst);
@@ -82,25 +112,38 @@ fn bad_names_and_bad_keys() -> anyhow::Result<()> {
     let long = "x".repeat(300);
     rt().block_on(async {
         use object_store::ObjectStoreExt;
-        mem.put(&object_store::path::Path::from(format!("d/{long}")), "bad".into()).await?;
-        mem.put(&object_store::path::Path::from("d/good.md"), "good".into()).await?;
+        mem.put(
+            &object_store::path::Path::from(format!("d/{long}")),
+            "bad".into(),
+        )
+        .await?;
+        mem.put(&object_store::path::Path::from("d/good.md"), "good".into())
+            .await?;
         anyhow::Ok(())
     })?;
     let m = TestMount::new(root, "a", mem, "memory://")?;
     let names: Vec<String> = std::fs::read_dir(m.path().join("d"))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()?;
-    assert_eq!(names, vec!["good.md"], "a key that is not a valid path is skipped");
+    assert_eq!(
+        names,
+        vec!["good.md"],
+        "a key that is not a valid path is skipped"
+    );
     let err = std::fs::write(m.path().join("d").join("y".repeat(256)), "x").expect_err("too long");
     assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
     let err = std::fs::metadata(m.path().join("d").join("y".repeat(256))).expect_err("too long");
     assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
     let err = std::fs::read(m.path().join("d/missing")).expect_err("missing");
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-    let err = std::os::unix::fs::symlink("good.md", m.path().join("d/link")).expect_err("no symlinks");
+    let err =
+        std::os::unix::fs::symlink("good.md", m.path().join("d/link")).expect_err("no symlinks");
     assert_eq!(err.raw_os_error(), Some(libc::EPERM));
     let err = std::fs::write(m.path().join(".repofs/stats"), "x").expect_err("stats is read-only");
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)), "{err}");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -113,17 +156,32 @@ fn read_only_mount_refuses_every_write() -> anyhow::Result<()> {
     w.unmount()?;
     let dir = root.join("store");
     let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?);
-    let m = TestMount::with(root, "ro", store, &format!("file://{}", dir.display()), |c| c.read_only = true)?;
+    let m = TestMount::with(
+        root,
+        "ro",
+        store,
+        &format!("file://{}", dir.display()),
+        |c| c.read_only = true,
+    )?;
     let bare = m.path().join(REPO);
-    assert_eq!(git(&bare, &["log", "--oneline", "main"])?.lines().count(), 2);
+    assert_eq!(
+        git(&bare, &["log", "--oneline", "main"])?.lines().count(),
+        2
+    );
     for res in [
         std::fs::write(bare.join("new-file"), "x"),
         std::fs::create_dir(bare.join("newdir")),
         std::fs::remove_file(bare.join("HEAD")),
         std::fs::rename(bare.join("HEAD"), bare.join("HEAD2")),
-        std::fs::OpenOptions::new().append(true).open(bare.join("config")).map(|_| ()),
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(bare.join("config"))
+            .map(|_| ()),
     ] {
-        assert_eq!(res.expect_err("must be refused").raw_os_error(), Some(libc::EROFS));
+        assert_eq!(
+            res.expect_err("must be refused").raw_os_error(),
+            Some(libc::EROFS)
+        );
     }
     let err = git_fails(&bare, &["update-ref", "refs/heads/x", "main"])?;
     assert!(err.contains("Read-only file system"), "{err}");
@@ -145,7 +203,10 @@ fn lazy_fetch_cache_hits_and_restart() -> anyhow::Result<()> {
     assert!(names > 3);
     let s = m.fs().stats().snapshot();
     assert_eq!(s.store_get, 0, "listing fetches no content: {s:?}");
-    assert!(s.store_list >= 1 && s.store_list <= 5, "one recursive listing per repo: {s:?}");
+    assert!(
+        s.store_list >= 1 && s.store_list <= 5,
+        "one recursive listing per repo: {s:?}"
+    );
 
     git(&bare, &["log", "--oneline", "main"])?;
     git(&bare, &["fsck", "--full"])?;
@@ -155,8 +216,14 @@ fn lazy_fetch_cache_hits_and_restart() -> anyhow::Result<()> {
     git(&bare, &["log", "--oneline", "main"])?;
     git(&bare, &["fsck", "--full"])?;
     let second = m.fs().stats().snapshot();
-    assert_eq!(second.store_get, first.store_get, "nothing is fetched twice while cached ({first:?} -> {second:?})");
-    assert!(second.store_list > first.store_list, "mutable files were revalidated after the TTL");
+    assert_eq!(
+        second.store_get, first.store_get,
+        "nothing is fetched twice while cached ({first:?} -> {second:?})"
+    );
+    assert!(
+        second.store_list > first.store_list,
+        "mutable files were revalidated after the TTL"
+    );
     assert!(second.cache_hits > first.cache_hits);
     m.unmount()?;
 
@@ -166,7 +233,10 @@ fn lazy_fetch_cache_hits_and_restart() -> anyhow::Result<()> {
     let s = m.fs().stats().snapshot();
     assert!(s.cache_hits > 0, "{s:?}");
     let packs_fetched = s.bytes_down;
-    assert!(packs_fetched < 1024, "only small mutable files are fetched again: {s:?}");
+    assert!(
+        packs_fetched < 1024,
+        "only small mutable files are fetched again: {s:?}"
+    );
     Ok(())
 }
 
@@ -178,7 +248,11 @@ fn cache_stays_within_its_bound() -> anyhow::Result<()> {
     rt().block_on(async {
         use object_store::ObjectStoreExt;
         for i in 0..10 {
-            mem.put(&object_store::path::Path::from(format!("blobs/b{i}")), vec![i as u8; 8192].into()).await?;
+            mem.put(
+                &object_store::path::Path::from(format!("blobs/b{i}")),
+                vec![i as u8; 8192].into(),
+            )
+            .await?;
         }
         anyhow::Ok(())
     })?;
@@ -192,7 +266,10 @@ fn cache_stays_within_its_bound() -> anyhow::Result<()> {
     assert!(s.cache_evictions >= 7, "{s:?}");
     // the bound holds on disk as well
     let on_disk: u64 = std::fs::read_dir(m.config.cache_dir.join("v1/data"))?
-        .map(|e| e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0))
+        .map(|e| {
+            e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                .unwrap_or(0)
+        })
         .sum();
     assert!(on_disk <= 20_000, "{on_disk}");
     Ok(())
@@ -206,12 +283,22 @@ fn operators_can_look() -> anyhow::Result<()> {
     setup_repo(root, &m, 3)?;
     let bare = m.path().join(REPO);
     let run = |cmd: &str, args: &[&str]| -> anyhow::Result<String> {
-        let out = std::process::Command::new(cmd).args(args).current_dir(&bare).output()?;
-        anyhow::ensure!(out.status.success(), "{cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .current_dir(&bare)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let ls = run("ls", &["-la"])?;
-    assert!(ls.contains("HEAD") && ls.contains("refs") && ls.contains("objects"), "{ls}");
+    assert!(
+        ls.contains("HEAD") && ls.contains("refs") && ls.contains("objects"),
+        "{ls}"
+    );
     assert_eq!(run("cat", &["HEAD"])?, "ref: refs/heads/main\n");
     let found = run("find", &[".", "-type", "f", "-path", "./objects/*"])?;
     assert!(found.lines().count() >= 9, "{found}");
@@ -224,8 +311,13 @@ fn operators_can_look() -> anyhow::Result<()> {
     assert!(meta.mtime() > 1_700_000_000);
     let stat = run("stat", &["-c", "%s %F", "HEAD"])?;
     assert_eq!(stat.trim(), "21 regular file");
-    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(m.path().join(".repofs/stats"))?)?;
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path().join(".repofs/stats"))?)?;
     assert!(stats["store_put"].as_u64().unwrap_or(0) > 0, "{stats}");
-    assert!(stats["store_list"].is_u64() && stats["cache_hits"].is_u64() && stats["bytes_up"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        stats["store_list"].is_u64()
+            && stats["cache_hits"].is_u64()
+            && stats["bytes_up"].as_u64().unwrap_or(0) > 0
+    );
     Ok(())
 }

@@ -15,7 +15,11 @@ fn drain(rx: &mut Receiver<RefUpdated>) -> Vec<(String, Option<String>, Option<S
         assert_eq!(ev.repo, REPO);
         assert_eq!(ev.org.as_deref(), Some("org-1"));
         assert_eq!(ev.agent.as_deref(), Some("agent-1"));
-        out.push((ev.refname, ev.old.map(|o| o.to_string()), ev.new.map(|o| o.to_string())));
+        out.push((
+            ev.refname,
+            ev.old.map(|o| o.to_string()),
+            ev.new.map(|o| o.to_string()),
+        ));
     }
     out
 }
@@ -31,7 +35,17 @@ fn exact_events_for_push_delete_pack_refs_and_force_push() -> anyhow::Result<()>
     let m = TestMount::local(root, "a")?;
     let bare = m.path().join(REPO);
     std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(root, &["init", "-q", "--bare", "-b", "main", bare.to_str().expect("utf8")])?;
+    git(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().expect("utf8"),
+        ],
+    )?;
     let mut rx = m.fs().subscribe();
     let url = bare.to_str().expect("utf8");
 
@@ -42,13 +56,19 @@ fn exact_events_for_push_delete_pack_refs_and_force_push() -> anyhow::Result<()>
     evs.sort();
     assert_eq!(
         evs,
-        vec![("refs/heads/main".into(), None, s(&c1)), ("refs/heads/topic".into(), None, s(&c1))]
+        vec![
+            ("refs/heads/main".into(), None, s(&c1)),
+            ("refs/heads/topic".into(), None, s(&c1))
+        ]
     );
 
     // fast-forward
     let c2 = commit_file(&src, "a.md", "a\n")?;
     git(&src, &["push", "-q", url, "main"])?;
-    assert_eq!(drain(&mut rx), vec![("refs/heads/main".into(), s(&c1), s(&c2))]);
+    assert_eq!(
+        drain(&mut rx),
+        vec![("refs/heads/main".into(), s(&c1), s(&c2))]
+    );
 
     // pack-refs moves values without changing any: no events
     git(&bare, &["pack-refs", "--all"])?;
@@ -58,13 +78,19 @@ fn exact_events_for_push_delete_pack_refs_and_force_push() -> anyhow::Result<()>
 
     // a branch that only lives in packed-refs is deleted
     git(&src, &["push", "-q", url, ":topic"])?;
-    assert_eq!(drain(&mut rx), vec![("refs/heads/topic".into(), s(&c1), None)]);
+    assert_eq!(
+        drain(&mut rx),
+        vec![("refs/heads/topic".into(), s(&c1), None)]
+    );
 
     // force push (non-fast-forward) of a packed ref
     git(&src, &["reset", "-q", "--hard", "HEAD~1"])?;
     let c3 = commit_file(&src, "b.md", "b\n")?;
     git(&src, &["push", "-q", "--force", url, "main"])?;
-    assert_eq!(drain(&mut rx), vec![("refs/heads/main".into(), s(&c2), s(&c3))]);
+    assert_eq!(
+        drain(&mut rx),
+        vec![("refs/heads/main".into(), s(&c2), s(&c3))]
+    );
 
     // a tag, then HEAD pointed at another branch
     git(&src, &["push", "-q", url, "main:other"])?;
@@ -103,30 +129,82 @@ fn two_writers(store: Arc<dyn object_store::ObjectStore>, url: &str) -> anyhow::
     let a = TestMount::new(root, "a", store.clone(), url)?;
     let bare_a = a.path().join(REPO);
     std::fs::create_dir_all(bare_a.parent().expect("parent"))?;
-    git(root, &["init", "-q", "--bare", "-b", "main", bare_a.to_str().expect("utf8")])?;
+    git(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare_a.to_str().expect("utf8"),
+        ],
+    )?;
     let src = make_source(root, 1)?;
-    git(&src, &["push", "-q", bare_a.to_str().expect("utf8"), "main"])?;
+    git(
+        &src,
+        &["push", "-q", bare_a.to_str().expect("utf8"), "main"],
+    )?;
 
     // b trusts its metadata for a long time, so it still believes the old value
-    let b = TestMount::with(root, "b", store.clone(), url, |c| c.metadata_ttl = Duration::from_secs(60))?;
+    let b = TestMount::with(root, "b", store.clone(), url, |c| {
+        c.metadata_ttl = Duration::from_secs(60)
+    })?;
     let bare_b = b.path().join(REPO);
     // b reads the ref (so it knows the current version), then a moves it
     let base = git(&bare_b, &["rev-parse", "main"])?;
     let ca = commit_file(&src, "a.md", "from a\n")?;
-    git(&src, &["push", "-q", bare_a.to_str().expect("utf8"), "main"])?;
+    git(
+        &src,
+        &["push", "-q", bare_a.to_str().expect("utf8"), "main"],
+    )?;
 
     // b still believes in the old value (its metadata is within the TTL) and writes
     // a ref update on top of it: the store refuses and git reports it.
     let other = root.join("other");
-    git(root, &["clone", "-q", "-b", "main", src.to_str().expect("utf8"), other.to_str().expect("utf8")])?;
+    git(
+        root,
+        &[
+            "clone",
+            "-q",
+            "-b",
+            "main",
+            src.to_str().expect("utf8"),
+            other.to_str().expect("utf8"),
+        ],
+    )?;
     git(&other, &["reset", "-q", "--hard", base.trim()])?;
     let cb = commit_file(&other, "b.md", "from b\n")?;
-    git(&other, &["push", "-q", bare_b.to_str().expect("utf8"), &format!("{cb}:refs/heads/side")])?;
-    let err = git_fails(&bare_b, &["update-ref", "refs/heads/main", &cb, base.trim()]).unwrap_or_default();
-    assert_eq!(b.fs().stats().snapshot().ref_conflicts, 1, "git stderr: {err}");
+    git(
+        &other,
+        &[
+            "push",
+            "-q",
+            bare_b.to_str().expect("utf8"),
+            &format!("{cb}:refs/heads/side"),
+        ],
+    )?;
+    let err = git_fails(
+        &bare_b,
+        &["update-ref", "refs/heads/main", &cb, base.trim()],
+    )
+    .unwrap_or_default();
+    assert_eq!(
+        b.fs().stats().snapshot().ref_conflicts,
+        1,
+        "git stderr: {err}"
+    );
     assert!(err.contains("refs/heads/main"), "{err}");
-    assert_eq!(git(&bare_a, &["rev-parse", "main"])?.trim(), ca, "the first writer's ref is kept");
-    assert_eq!(git(&bare_b, &["rev-parse", "main"])?.trim(), ca, "b sees the winner after the conflict");
+    assert_eq!(
+        git(&bare_a, &["rev-parse", "main"])?.trim(),
+        ca,
+        "the first writer's ref is kept"
+    );
+    assert_eq!(
+        git(&bare_b, &["rev-parse", "main"])?.trim(),
+        ca,
+        "b sees the winner after the conflict"
+    );
     Ok(())
 }
 
@@ -153,6 +231,9 @@ fn second_writer_loses_the_ref_race_on_s3() -> anyhow::Result<()> {
         .with_secret_access_key("testing")
         .build()?;
     let store: Arc<dyn object_store::ObjectStore> =
-        Arc::new(object_store::prefix::PrefixStore::new(Arc::new(s3) as Arc<dyn object_store::ObjectStore>, prefix.as_str()));
+        Arc::new(object_store::prefix::PrefixStore::new(
+            Arc::new(s3) as Arc<dyn object_store::ObjectStore>,
+            prefix.as_str(),
+        ));
     two_writers(store, &format!("s3://{bucket}/{prefix}"))
 }
