@@ -321,3 +321,32 @@ fn operators_can_look() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn fsync_makes_a_file_durable_before_close() -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let m = TestMount::local(root, "a")?;
+    let repo = m.path().join("o/a/repo.git");
+    std::fs::create_dir_all(&repo)?;
+    let mut f = std::fs::File::create(repo.join("description"))?;
+    f.write_all(b"synced")?;
+    assert!(
+        !root.join("store/o/a/repo.git/description").exists(),
+        "nothing is uploaded before close or fsync"
+    );
+    f.sync_all()?;
+    assert_eq!(
+        std::fs::read(root.join("store/o/a/repo.git/description"))?,
+        b"synced"
+    );
+    // a temporary file is never uploaded, fsync or not
+    let mut t = std::fs::File::create(repo.join("config.lock"))?;
+    t.write_all(b"x")?;
+    t.sync_all()?;
+    drop(t);
+    assert!(!root.join("store/o/a/repo.git/config.lock").exists());
+    drop(f);
+    Ok(())
+}
