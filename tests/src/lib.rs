@@ -54,6 +54,27 @@ pub fn git_cmd(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// The repository key the tests use.
+pub const REPO: &str = "org-1/agent-1/repo.git";
+
+/// `git init --bare` of [`REPO`] under the mountpoint `mnt`; returns its path.
+pub fn init_bare(root: &Path, mnt: &Path) -> Result<PathBuf> {
+    let bare = mnt.join(REPO);
+    std::fs::create_dir_all(bare.parent().context("repo has a parent")?)?;
+    git(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    Ok(bare)
+}
+
 /// A work repository with `n` commits on `main`, each adding one file.
 pub fn make_source(dir: &Path, n: usize) -> Result<PathBuf> {
     let src = dir.join("src");

@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const REPO: &str = "org-1/agent-1/repo.git";
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("runtime")
 }
@@ -18,19 +16,7 @@ fn setup_repo(
     m: &TestMount,
     commits: usize,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let bare = m.path().join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare = init_bare(root, m.path())?;
     let src = make_source(root, commits)?;
     git(&src, &["push", "-q", bare.to_str().expect("utf8"), "main"])?;
     Ok(src)

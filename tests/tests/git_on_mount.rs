@@ -2,9 +2,6 @@
 //! a push leaves in the store is a complete repository on its own.
 
 use repofs_tests::*;
-use std::path::Path;
-
-const REPO: &str = "org-1/agent-1/repo.git";
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().expect("runtime")
@@ -15,19 +12,7 @@ fn git_lifecycle(create_object: &str) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let m = TestMount::local(root, "a")?;
-    let bare = m.path().join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare = init_bare(root, m.path())?;
     git(&bare, &["config", "core.createObject", create_object])?;
     assert_eq!(
         git(&bare, &["config", "core.createObject"])?.trim(),
@@ -180,19 +165,7 @@ fn fresh_mount_sees_what_the_first_wrote() -> anyhow::Result<()> {
     let root = tmp.path();
     let src = make_source(root, 3)?;
     let mut a = TestMount::local(root, "a")?;
-    let bare = a.path().join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare = init_bare(root, a.path())?;
     git(&src, &["push", "-q", bare.to_str().expect("utf8"), "main"])?;
     git(&bare, &["config", "user.note", "written by a"])?;
     // a second, fresh mount (empty cache) while the first is still mounted
@@ -245,19 +218,7 @@ fn libgit2_opens_reads_indexes_and_updates_refs_on_the_mount() -> anyhow::Result
     let root = tmp.path();
     let m = TestMount::local(root, "a")?;
     let src = make_source(root, 4)?;
-    let bare = m.path().join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare = init_bare(root, m.path())?;
     git(
         &src,
         &[
@@ -303,9 +264,4 @@ fn libgit2_opens_reads_indexes_and_updates_refs_on_the_mount() -> anyhow::Result
     assert_eq!(git(&bare, &["rev-parse", "main"])?.trim(), newest);
     git(&bare, &["fsck", "--full"])?;
     Ok(())
-}
-
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.exists()
 }

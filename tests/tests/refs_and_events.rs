@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::Receiver;
 
-const REPO: &str = "org-1/agent-1/repo.git";
-
 fn drain(rx: &mut Receiver<RefUpdated>) -> Vec<(String, Option<String>, Option<String>)> {
     let mut out = Vec::new();
     while let Ok(ev) = rx.try_recv() {
@@ -33,19 +31,7 @@ fn exact_events_for_push_delete_pack_refs_and_force_push() -> anyhow::Result<()>
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let m = TestMount::local(root, "a")?;
-    let bare = m.path().join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare = init_bare(root, m.path())?;
     let mut rx = m.fs().subscribe();
     let url = bare.to_str().expect("utf8");
 
@@ -127,19 +113,7 @@ fn two_writers(store: Arc<dyn object_store::ObjectStore>, url: &str) -> anyhow::
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let a = TestMount::new(root, "a", store.clone(), url)?;
-    let bare_a = a.path().join(REPO);
-    std::fs::create_dir_all(bare_a.parent().expect("parent"))?;
-    git(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare_a.to_str().expect("utf8"),
-        ],
-    )?;
+    let bare_a = init_bare(root, a.path())?;
     let src = make_source(root, 1)?;
     git(
         &src,
