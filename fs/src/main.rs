@@ -134,6 +134,8 @@ fn is_mounted(path: &std::path::Path) -> bool {
 
 /// Start the daemon in the background and return once it has mounted (or failed).
 fn detach(args: MountArgs) -> anyhow::Result<()> {
+    // Refuse a bad URL here, where the user sees the message, not in the daemon's log.
+    repofs::store::StoreKind::parse(&args.store_url)?;
     let cache_dir = args
         .cache_dir
         .clone()

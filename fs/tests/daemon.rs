@@ -254,3 +254,31 @@ fn sigkill_during_pushes_loses_nothing_acknowledged() {
         acknowledged.len()
     );
 }
+
+#[test]
+fn bad_store_url_is_refused_with_a_hint() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for foreground in [false, true] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_repofs"));
+        cmd.args([
+            "mount",
+            "http://example/bucket",
+            tmp.path().join("mnt").to_str().expect("utf8"),
+        ])
+        .args([
+            "--cache-dir",
+            tmp.path().join("cache").to_str().expect("utf8"),
+        ]);
+        if foreground {
+            cmd.arg("--foreground");
+        }
+        let out = cmd.output().expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("invalid store URL") && err.contains("s3://bucket"),
+            "{err}"
+        );
+        assert!(!mounted(&tmp.path().join("mnt")));
+    }
+}
