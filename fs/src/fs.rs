@@ -634,7 +634,7 @@ impl Fs {
             self.apply_recursive(unit_ino, &unit_key, objects, generation);
         } else {
             let listing = self.inner.store.list_dir(&unit_key).await?;
-            self.apply_dir(unit_ino, &unit_key, listing, generation);
+            self.apply_dir(unit_ino, listing, generation);
         }
         Ok(())
     }
@@ -817,13 +817,7 @@ impl Fs {
         self.invalidate(inval_entries, inval_inodes);
     }
 
-    fn apply_dir(
-        &self,
-        dir: u64,
-        prefix: &str,
-        listing: crate::store::DirListing,
-        generation: u64,
-    ) {
+    fn apply_dir(&self, dir: u64, listing: crate::store::DirListing, generation: u64) {
         let mut inval_inodes = Vec::new();
         let mut inval_entries = Vec::new();
         {
@@ -889,7 +883,6 @@ impl Fs {
                 d.listed_at = Some(Instant::now());
             }
         }
-        let _ = prefix;
         self.invalidate(inval_entries, inval_inodes);
     }
 
@@ -1178,7 +1171,7 @@ impl Fs {
 
     /// A readable file with the node's current content.
     async fn content_file(&self, ino: u64) -> Result<(PathBuf, Arc<File>), FsError> {
-        let (src, key) = self.source(ino)?;
+        let (src, _) = self.source(ino)?;
         match src {
             Source::Local(p) => {
                 let f = File::open(&p)?;
@@ -1188,10 +1181,7 @@ impl Fs {
                 let f = self.fetch(ino, &key, &etag).await?;
                 Ok((PathBuf::from(format!("remote:{key}:{etag}")), Arc::new(f)))
             }
-            Source::Empty => {
-                let _ = key;
-                Ok((PathBuf::from("empty"), Arc::new(File::open("/dev/null")?)))
-            }
+            Source::Empty => Ok((PathBuf::from("empty"), Arc::new(File::open("/dev/null")?))),
         }
     }
 
@@ -1335,14 +1325,11 @@ impl Fs {
             return Err(FsError::ReadOnly);
         }
         self.ensure_listed(parent).await?;
-        if let Some(ino) = self.inner.tree.lock().child(parent, name) {
+        let existing = self.inner.tree.lock().child(parent, name);
+        if let Some(ino) = existing {
             if flags & libc::O_EXCL != 0 {
                 return Err(FsError::Exists);
             }
-            let _ = ino;
-        }
-        let existing = self.inner.tree.lock().child(parent, name);
-        if let Some(ino) = existing {
             let opened = self.open(ino, flags | libc::O_RDWR).await?;
             let mut tree = self.inner.tree.lock();
             tree.get_mut(ino)?.lookups += 1;

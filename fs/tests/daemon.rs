@@ -32,6 +32,24 @@ fn git_ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `git init --bare` of the test repository on the mount.
+fn init_bare(root: &Path, mnt: &Path) -> PathBuf {
+    let bare = mnt.join(REPO);
+    std::fs::create_dir_all(bare.parent().expect("parent")).expect("mkdir");
+    git_ok(
+        root,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            bare.to_str().expect("utf8"),
+        ],
+    );
+    bare
+}
+
 fn mounted(mnt: &Path) -> bool {
     let canon = std::fs::canonicalize(mnt).unwrap_or_default();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -106,19 +124,7 @@ fn hook_gets_each_event_and_sigterm_flushes_and_unmounts() {
     let events = root.join("events.jsonl");
     let hook = format!("cat >> {}", events.display());
     let mut d = Daemon::start(root, &["--on-ref-update", &hook]);
-    let bare = d.mnt.join(REPO);
-    std::fs::create_dir_all(bare.parent().expect("parent")).expect("mkdir");
-    git_ok(
-        root,
-        &[
-            "init",
-            "-q",
-            "--bare",
-            "-b",
-            "main",
-            bare.to_str().expect("utf8"),
-        ],
-    );
+    let bare = init_bare(root, &d.mnt);
     let src = root.join("src");
     git_ok(
         root,
@@ -167,19 +173,7 @@ fn sigkill_during_pushes_loses_nothing_acknowledged() {
     let mut acknowledged: Vec<String> = Vec::new();
     {
         let d = Daemon::start(root, &[]);
-        let bare = d.mnt.join(REPO);
-        std::fs::create_dir_all(bare.parent().expect("parent")).expect("mkdir");
-        git_ok(
-            root,
-            &[
-                "init",
-                "-q",
-                "--bare",
-                "-b",
-                "main",
-                bare.to_str().expect("utf8"),
-            ],
-        );
+        init_bare(root, &d.mnt);
     }
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     let mut rand = move || {
