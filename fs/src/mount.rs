@@ -291,6 +291,12 @@ impl MountHandle {
         &self.mountpoint
     }
 
+    /// The filesystem's own I/O runtime; run core futures (such as
+    /// [`Fs::revalidate`]) on it from other runtimes.
+    pub fn io_handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
+    }
+
     /// Subscribe to ref events.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<RefUpdated> {
         self.fs.subscribe()
