@@ -367,7 +367,7 @@ impl Db {
     pub async fn agent_blocks(&self, agent_id: &str) -> Result<Vec<Block>, DbError> {
         let rows = sqlx::query(
             "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, \
-             b.read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
+             CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
              WHERE ba.agent_id = $1 AND b.is_deleted = FALSE ORDER BY ba.block_label",
         )
         .bind(agent_id)
@@ -380,7 +380,7 @@ impl Db {
     pub async fn agent_block(&self, agent_id: &str, label: &str) -> Result<Option<Block>, DbError> {
         let row = sqlx::query(
             "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, \
-             b.read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
+             CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
              WHERE ba.agent_id = $1 AND ba.block_label = $2 AND b.is_deleted = FALSE",
         )
         .bind(agent_id)
@@ -400,7 +400,7 @@ pub fn block_row(r: &AnyRow) -> Result<Block, DbError> {
         value: r.try_get("value")?,
         description: r.try_get("description")?,
         limit: r.try_get("lim")?,
-        read_only: r.try_get("read_only")?,
+        read_only: r.try_get::<i64, _>("read_only")? != 0,
         metadata: serde_json::from_str(&meta).unwrap_or_else(|_| serde_json::json!({})),
     })
 }

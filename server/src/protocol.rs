@@ -927,7 +927,7 @@ mod tests {
         let s = String::from_utf8_lossy(&ls);
         assert!(s.contains("HEAD symref-target:refs/heads/main"));
         assert!(s.contains(&format!("refs/tags/v1 peeled:{A}")));
-        assert!(!s.contains("refs/heads/main\n"));
+        assert!(!s.contains(&format!("{A} refs/heads/main")));
     }
 
     #[test]
