@@ -1417,10 +1417,8 @@ fn check_connected(repo: &Repository, new: Oid, old: Option<Oid>) -> Result<(), 
             for e in tree.iter() {
                 match e.kind() {
                     Some(ObjectType::Tree) => stack.push(e.id()),
-                    Some(ObjectType::Blob) => {
-                        if seen.insert(e.id()) && !odb.exists(e.id()) {
-                            return Err(format!("missing blob {}", e.id()));
-                        }
+                    Some(ObjectType::Blob) if seen.insert(e.id()) && !odb.exists(e.id()) => {
+                        return Err(format!("missing blob {}", e.id()));
                     }
                     _ => {}
                 }

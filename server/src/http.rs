@@ -301,9 +301,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/agents/{agent_id}", get(get_agent))
         .merge(crate::blocks::routes())
         .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(fallback)
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+async fn fallback(req: Request) -> ApiError {
+    if req.uri().path().starts_with("/v1/git/") {
+        ApiError::BadRequest(
+            "invalid repository path: expected /v1/git/{agent_id}/state.git/(info/refs|git-upload-pack|git-receive-pack)".into(),
+        )
+    } else {
+        ApiError::NotFound(format!(
+            "no route for {} {}",
+            req.method(),
+            req.uri().path()
+        ))
+    }
 }
 
 async fn trace_request(req: Request, next: axum::middleware::Next) -> Response {

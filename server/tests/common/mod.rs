@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use repofs_server::server::{RunningServer, ServerConfig};
 use std::path::{Path, PathBuf};
 
+#[allow(unused_imports)]
 pub(crate) use repofs_tests::{commit_file, git, git_cmd, git_fails};
 
 pub struct TestServer {
