@@ -1040,6 +1040,12 @@ pub struct PushOutcome {
     pub updated: Vec<(String, HexOid, HexOid)>,
     /// Push options sent by the client.
     pub push_options: Vec<String>,
+    /// The branch `HEAD` points to.
+    pub head_branch: Option<String>,
+    /// Warnings for the pusher (side band 2).
+    pub messages: Vec<String>,
+    /// The client asked for side band (so messages can be sent).
+    pub sideband: bool,
 }
 
 /// A reader that counts bytes and refuses more than a limit.
@@ -1158,9 +1164,13 @@ pub fn receive_pack(
     };
 
     // 3. Check, then update.
-    let results = update_refs(&repo, &req, unpack_error.as_deref(), policy)?;
+    let mut messages = Vec::new();
+    let results = update_refs(&repo, &req, unpack_error.as_deref(), policy, &mut messages)?;
     let mut outcome = PushOutcome {
         push_options: req.push_options.clone(),
+        head_branch: head_branch(&repo),
+        messages,
+        sideband: req.has("side-band-64k") && !req.has("quiet"),
         ..Default::default()
     };
     for (cmd, r) in req.commands.iter().zip(&results) {
@@ -1283,6 +1293,7 @@ fn update_refs(
     req: &ReceiveRequest,
     unpack_error: Option<&str>,
     policy: &PushPolicy,
+    messages: &mut Vec<String>,
 ) -> Result<Vec<RefResult>, GitError> {
     let head_target = repo
         .find_reference("HEAD")
@@ -1297,7 +1308,19 @@ fn update_refs(
             if unpack_error.is_some() {
                 return Some("unpacker error".to_string());
             }
-            check_command(repo, &odb, c, head_target.as_deref(), policy).err()
+            if let Err(e) = check_command(repo, &odb, c, head_target.as_deref(), policy) {
+                return Some(e);
+            }
+            // The default branch becomes blocks: refuse files that cannot.
+            if head_target.as_deref() == Some(c.name.as_str()) && !c.new.is_zero() {
+                let old = Oid::from_str(c.old.as_str()).ok().filter(|o| !o.is_zero());
+                let new = Oid::from_str(c.new.as_str()).ok()?;
+                match check_block_files(repo, old, new) {
+                    Ok(w) => messages.extend(w),
+                    Err(e) => return Some(e),
+                }
+            }
+            None
         })
         .collect();
     let atomic = req.has("atomic");
@@ -1489,4 +1512,291 @@ fn apply_atomic(repo: &Repository, cmds: &[RefCommand], msg: &str) -> Result<(),
 pub fn branch_tip(path: &Path, refname: &str) -> Result<Option<HexOid>, GitError> {
     let repo = open(path)?;
     Ok(current_target(&repo, refname).map(hex))
+}
+
+// ---------------------------------------------------------------------------
+// blocks: push-time checks, sync plans, block writes
+
+/// The branch `HEAD` points to (`refs/heads/main`).
+pub fn head_branch(repo: &Repository) -> Option<String> {
+    repo.find_reference("HEAD")
+        .ok()
+        .and_then(|h| h.symbolic_target().ok().flatten().map(String::from))
+}
+
+/// A `.md` file of a tree that maps to a block label.
+#[derive(Debug, Clone)]
+pub struct BlockFile {
+    /// Path in the tree.
+    pub path: String,
+    /// Its label.
+    pub label: String,
+    /// Parsed content.
+    pub parsed: crate::blocks::ParsedBlock,
+    /// The file was not valid UTF-8 (decoded lossily).
+    pub not_utf8: bool,
+}
+
+fn read_block_file(
+    repo: &Repository,
+    path: &str,
+    blob: Oid,
+) -> Result<Option<BlockFile>, GitError> {
+    let Some(label) = crate::blocks::label_for_path(path) else {
+        return Ok(None);
+    };
+    let blob = repo.find_blob(blob)?;
+    let (text, not_utf8) = match std::str::from_utf8(blob.content()) {
+        Ok(s) => (s.to_string(), false),
+        Err(_) => (String::from_utf8_lossy(blob.content()).into_owned(), true),
+    };
+    Ok(Some(BlockFile {
+        path: path.to_string(),
+        label,
+        parsed: crate::blocks::parse(&text),
+        not_utf8,
+    }))
+}
+
+/// Changes between two trees as block files: (upserted or changed files, removed
+/// paths). `old = None` lists every file of `new`.
+fn block_changes(
+    repo: &Repository,
+    old: Option<&git2::Tree<'_>>,
+    new: Option<&git2::Tree<'_>>,
+) -> Result<(Vec<BlockFile>, Vec<String>), GitError> {
+    let mut opts = git2::DiffOptions::new();
+    opts.ignore_submodules(true).skip_binary_check(true);
+    let diff = repo.diff_tree_to_tree(old, new, Some(&mut opts))?;
+    let mut upserts = Vec::new();
+    let mut removed = Vec::new();
+    for d in diff.deltas() {
+        let path_of = |f: &git2::DiffFile<'_>| f.path().and_then(|p| p.to_str()).map(String::from);
+        match d.status() {
+            git2::Delta::Deleted => {
+                if let Some(p) = path_of(&d.old_file()) {
+                    removed.push(p);
+                }
+            }
+            git2::Delta::Added
+            | git2::Delta::Modified
+            | git2::Delta::Typechange
+            | git2::Delta::Renamed
+            | git2::Delta::Copied => {
+                if d.status() == git2::Delta::Renamed {
+                    if let Some(p) = path_of(&d.old_file()) {
+                        removed.push(p);
+                    }
+                }
+                let f = d.new_file();
+                if f.mode() != git2::FileMode::Blob && f.mode() != git2::FileMode::BlobExecutable {
+                    if let Some(p) = path_of(&f) {
+                        removed.push(p);
+                    }
+                    continue;
+                }
+                if let Some(p) = path_of(&f) {
+                    if let Some(b) = read_block_file(repo, &p, f.id())? {
+                        upserts.push(b);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((upserts, removed))
+}
+
+/// Push-time checks of the files a branch update would turn into blocks. Returns
+/// warnings for the pusher, or the reason to refuse (naming the file).
+fn check_block_files(repo: &Repository, old: Option<Oid>, new: Oid) -> Result<Vec<String>, String> {
+    let new_tree = repo
+        .find_commit(new)
+        .and_then(|c| c.tree())
+        .map_err(|e| e.message().to_string())?;
+    let old_tree = old
+        .and_then(|o| repo.find_commit(o).ok())
+        .and_then(|c| c.tree().ok());
+    let (files, _) =
+        block_changes(repo, old_tree.as_ref(), Some(&new_tree)).map_err(|e| e.to_string())?;
+    let mut warnings = Vec::new();
+    for f in files {
+        if f.not_utf8 {
+            return Err(format!("{}: not valid UTF-8", f.path));
+        }
+        if let Some(e) = f.parsed.errors.first() {
+            return Err(format!("{}: {e}", f.path));
+        }
+        let limit = f.parsed.limit.unwrap_or(crate::blocks::DEFAULT_LIMIT);
+        let n = f.parsed.value.chars().count() as i64;
+        if n > limit {
+            return Err(format!(
+                "{}: value is {n} characters, over its limit of {limit}",
+                f.path
+            ));
+        }
+        for w in f.parsed.warnings {
+            warnings.push(format!("warning: {}: {w}", f.path));
+        }
+    }
+    Ok(warnings)
+}
+
+/// What a sync has to do to bring an agent's blocks to the branch tip.
+#[derive(Debug, Default)]
+pub struct SyncPlan {
+    /// The tip of `HEAD`'s branch (`None`: unborn or no repository).
+    pub tip: Option<HexOid>,
+    /// `true`: `upserts` is every block file and other labels must be detached.
+    pub full: bool,
+    /// Block files added or changed.
+    pub upserts: Vec<BlockFile>,
+    /// Labels whose file is gone (incremental plans only).
+    pub removed: Vec<String>,
+}
+
+/// Compute a sync plan from `last` (the last synced commit) to the current tip: a tree
+/// diff when `last` is an ancestor of the tip, a full listing otherwise.
+pub fn sync_plan(path: &Path, last: Option<&str>) -> Result<SyncPlan, GitError> {
+    if !exists(path) {
+        return Ok(SyncPlan::default());
+    }
+    let repo = open(path)?;
+    let Some(branch) = head_branch(&repo) else {
+        return Ok(SyncPlan::default());
+    };
+    let Some(tip) = current_target(&repo, &branch) else {
+        return Ok(SyncPlan::default());
+    };
+    let mut plan = SyncPlan {
+        tip: Some(hex(tip)),
+        ..Default::default()
+    };
+    let last = last.and_then(|l| Oid::from_str(l).ok());
+    if last == Some(tip) {
+        return Ok(plan);
+    }
+    let tip_tree = repo.find_commit(tip)?.tree()?;
+    let incremental_base = last.filter(|l| {
+        repo.find_commit(*l).is_ok() && repo.graph_descendant_of(tip, *l).unwrap_or(false)
+    });
+    match incremental_base {
+        Some(base) => {
+            let base_tree = repo.find_commit(base)?.tree()?;
+            let (upserts, removed) = block_changes(&repo, Some(&base_tree), Some(&tip_tree))?;
+            plan.upserts = upserts;
+            plan.removed = removed
+                .iter()
+                .filter_map(|p| crate::blocks::label_for_path(p))
+                .collect();
+        }
+        None => {
+            plan.full = true;
+            plan.upserts = block_changes(&repo, None, Some(&tip_tree))?.0;
+        }
+    }
+    Ok(plan)
+}
+
+/// Why a block write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The file does not exist (delete of an unknown label).
+    #[error("{0}")]
+    NotFound(String),
+    /// The branch moved between read and write (compare-and-swap lost).
+    #[error("{0}")]
+    Conflict(String),
+    /// The new content is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else.
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+impl From<git2::Error> for WriteError {
+    fn from(e: git2::Error) -> Self {
+        WriteError::Git(GitError::Git(e))
+    }
+}
+
+/// Commit a change of one file on `HEAD`'s branch with compare-and-swap on the tip.
+/// `change` gets the current content (`None` if absent) and returns the new content
+/// (`None` deletes). Returns the new commit and whether the file was created.
+pub fn write_file(
+    path: &Path,
+    file: &str,
+    who: &Identity,
+    message: &str,
+    change: impl FnOnce(Option<&str>) -> Result<Option<String>, WriteError>,
+) -> Result<(HexOid, bool), WriteError> {
+    let repo = open(path)?;
+    let branch =
+        head_branch(&repo).ok_or_else(|| WriteError::Invalid("HEAD is not a branch".into()))?;
+    let tip = current_target(&repo, &branch);
+    let base_tree = match tip {
+        Some(t) => repo.find_commit(t)?.tree()?,
+        None => repo.find_tree(repo.treebuilder(None)?.write()?)?,
+    };
+    let current = match base_tree.get_path(Path::new(file)) {
+        Ok(e) => {
+            let blob = repo.find_blob(e.id())?;
+            Some(String::from_utf8_lossy(blob.content()).into_owned())
+        }
+        Err(_) => None,
+    };
+    let created = current.is_none();
+    let new = change(current.as_deref())?;
+    let mut ub = git2::build::TreeUpdateBuilder::new();
+    match &new {
+        Some(content) => {
+            let blob = repo.blob(content.as_bytes())?;
+            ub.upsert(file, blob, git2::FileMode::Blob);
+        }
+        None => {
+            if current.is_none() {
+                return Err(WriteError::NotFound(format!("{file} does not exist")));
+            }
+            ub.remove(file);
+        }
+    }
+    let tree = repo.find_tree(ub.create_updated(&repo, &base_tree)?)?;
+    if let Some(t) = tip {
+        if repo.find_commit(t)?.tree_id() == tree.id() {
+            return Ok((hex(t), created)); // no change
+        }
+    }
+    let sig = git2::Signature::now(&who.name, &who.email)?;
+    let parents: Vec<git2::Commit<'_>> = tip
+        .map(|t| repo.find_commit(t))
+        .transpose()?
+        .into_iter()
+        .collect();
+    let parent_refs: Vec<&git2::Commit<'_>> = parents.iter().collect();
+    let commit = repo.commit(None, &sig, &sig, message, &tree, &parent_refs)?;
+    let res = match tip {
+        Some(t) => repo
+            .reference_matching(&branch, commit, true, t, message)
+            .map(|_| ()),
+        None => repo.reference(&branch, commit, false, message).map(|_| ()),
+    };
+    match res {
+        Ok(()) => Ok((hex(commit), created)),
+        Err(e) => Err(WriteError::Conflict(format!(
+            "{branch} moved while the block was being written ({}); retry",
+            e.message()
+        ))),
+    }
+}
+
+/// The tip of `HEAD`'s branch.
+pub fn head_tip(path: &Path) -> Result<Option<HexOid>, GitError> {
+    if !exists(path) {
+        return Ok(None);
+    }
+    let repo = open(path)?;
+    Ok(head_branch(&repo)
+        .and_then(|b| current_target(&repo, &b))
+        .map(hex))
 }

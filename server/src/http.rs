@@ -47,20 +47,8 @@ pub struct AppState {
     pub pack_permits: Arc<Semaphore>,
     /// Serialises repository creation per repository.
     pub create_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Called after a push moved refs, before the response is sent (block sync).
-    pub after_push: Option<Arc<dyn AfterPush>>,
-}
-
-/// A hook run after a push moved refs; it may add side-band messages.
-#[async_trait::async_trait]
-pub trait AfterPush: Send + Sync {
-    /// `updated` lists (ref, old, new). Returns progress messages for the client.
-    async fn after_push(
-        &self,
-        agent: &Agent,
-        repo_key: &str,
-        updated: &[(String, String, String)],
-    ) -> Vec<String>;
+    /// Block sync.
+    pub sync: Arc<crate::sync::SyncManager>,
 }
 
 /// Errors at the HTTP edge.
@@ -568,28 +556,42 @@ async fn receive_pack(
     })
     .await?;
     let mut response = outcome.response;
-    if !outcome.updated.is_empty() {
-        let key = repo_key(&agent);
-        for (name, old, new) in &outcome.updated {
-            tracing::info!(repo = %key, refname = %name, %old, %new, "ref updated by push");
+    let mut messages = outcome.messages.clone();
+    let key = repo_key(&agent);
+    for (name, old, new) in &outcome.updated {
+        tracing::info!(repo = %key, refname = %name, %old, %new, "ref updated by push");
+    }
+    // Read-your-writes: when the default branch moved, wait (bounded) for its sync.
+    let head = outcome.head_branch.as_deref();
+    if outcome
+        .updated
+        .iter()
+        .any(|(n, _, new)| Some(n.as_str()) == head && !new.is_zero())
+    {
+        let seq = state.sync.request(&agent);
+        let timeout = state.sync.timeout();
+        if !state.sync.wait(&agent.id, seq, timeout).await {
+            let why = state
+                .sync
+                .status(&state, &agent)
+                .await
+                .ok()
+                .and_then(|s| s.last_error)
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default();
+            messages.push(format!(
+                "repofs: block sync did not finish within {timeout:?}{why}; it continues in the background"
+            ));
         }
-        if let Some(hook) = &state.after_push {
-            let updated: Vec<(String, String, String)> = outcome
-                .updated
-                .iter()
-                .map(|(n, o, w)| (n.clone(), o.to_string(), w.to_string()))
-                .collect();
-            let msgs = hook.after_push(&agent, &key, &updated).await;
-            if !msgs.is_empty() && !response.is_empty() {
-                // Progress goes on band 2, before the report (which ends in a flush).
-                let mut pre = Vec::new();
-                for m in msgs {
-                    protocol::Band::Large.encode(&mut pre, 2, format!("{m}\n").as_bytes());
-                }
-                pre.extend_from_slice(&response);
-                response = pre;
-            }
+    }
+    if !messages.is_empty() && !response.is_empty() && outcome.sideband {
+        // Progress goes on band 2, before the report (which ends in a flush).
+        let mut pre = Vec::new();
+        for m in messages {
+            protocol::Band::Large.encode(&mut pre, 2, format!("{m}\n").as_bytes());
         }
+        pre.extend_from_slice(&response);
+        response = pre;
     }
     Ok((
         git_headers("application/x-git-receive-pack-result"),

@@ -14,8 +14,9 @@ pub mod http;
 pub mod pktline;
 pub mod protocol;
 pub mod server;
+pub mod sync;
 
 /// Start the server with its block sync wired in (what `repofs-server serve` runs).
 pub async fn start(cfg: server::ServerConfig) -> anyhow::Result<server::RunningServer> {
-    server::start(cfg, None).await
+    server::start(cfg).await
 }

@@ -88,6 +88,9 @@ struct Serve {
     /// How long a push of the default branch waits for its block sync.
     #[arg(long, env = "REPOFS_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     sync_timeout: Duration,
+    /// How often every agent is checked for an unsynced branch tip.
+    #[arg(long, env = "REPOFS_SYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    sync_interval: Duration,
 }
 
 fn init_logging(format: &str) {
@@ -159,6 +162,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cfg.max_pack_builds = n;
             }
             cfg.sync_timeout = s.sync_timeout;
+            cfg.sync_interval = s.sync_interval;
             if cfg.database_url.starts_with("sqlite:") {
                 std::fs::create_dir_all(&home)?;
             }

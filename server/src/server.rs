@@ -4,7 +4,8 @@
 use crate::auth::TrustPolicy;
 use crate::db::Db;
 use crate::git::{PackOptions, PushPolicy};
-use crate::http::{self, AfterPush, AppState};
+use crate::http::{self, AppState};
+use crate::sync::SyncManager;
 use anyhow::{bail, Context, Result};
 use parking_lot::Mutex;
 use repofs::mount::{self, MountConfig, MountHandle};
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub pack_threads: u32,
     /// How long a push waits for the block sync of its commit.
     pub sync_timeout: Duration,
+    /// How often every agent is checked for a branch tip that is not synced.
+    pub sync_interval: Duration,
 }
 
 impl ServerConfig {
@@ -70,6 +73,7 @@ impl ServerConfig {
             max_pack_builds: cores.max(2),
             pack_threads: cores.min(4) as u32,
             sync_timeout: Duration::from_secs(10),
+            sync_interval: Duration::from_secs(60),
         }
     }
 }
@@ -141,22 +145,15 @@ impl Drop for RunningServer {
 }
 
 /// Connect the database, mount the store, bind, and start serving.
-pub async fn start(
-    cfg: ServerConfig,
-    after_push: Option<Arc<dyn AfterPush>>,
-) -> Result<RunningServer> {
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     let db = Db::connect(&cfg.database_url)
         .await
         .with_context(|| format!("opening database {}", redact(&cfg.database_url)))?;
-    start_with_db(cfg, db, after_push).await
+    start_with_db(cfg, db).await
 }
 
 /// Like [`start`] with an already-open database.
-pub async fn start_with_db(
-    cfg: ServerConfig,
-    db: Db,
-    after_push: Option<Arc<dyn AfterPush>>,
-) -> Result<RunningServer> {
+pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
     let mut mcfg = MountConfig::new(cfg.store_url.clone(), cfg.mount_dir.clone());
     mcfg.cache_dir = cfg.cache_dir.clone();
     mcfg.cache_size = cfg.cache_size;
@@ -184,6 +181,8 @@ pub async fn start_with_db(
         }
     };
     let addr = listener.local_addr()?;
+    let sync = SyncManager::new(db.clone(), cfg.mount_dir.clone(), cfg.sync_timeout);
+    let background = sync.spawn_background(m.subscribe(), cfg.sync_interval);
     let state = Arc::new(AppState {
         db,
         fs: m.fs().clone(),
@@ -202,7 +201,7 @@ pub async fn start_with_db(
         },
         pack_permits: Arc::new(Semaphore::new(cfg.max_pack_builds.max(1))),
         create_locks: Mutex::new(Default::default()),
-        after_push,
+        sync,
     });
     let app = http::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -229,7 +228,7 @@ pub async fn start_with_db(
         mount: Mutex::new(Some(m)),
         shutdown: Some(tx),
         serve: Some(serve),
-        extra: Vec::new(),
+        extra: vec![background],
     })
 }
 

@@ -53,7 +53,7 @@ impl TestServer {
             .worker_threads(4)
             .enable_all()
             .build()?;
-        let srv = rt.block_on(repofs_server::server::start(config.clone(), None))?;
+        let srv = rt.block_on(repofs_server::server::start(config.clone()))?;
         let url = srv.url();
         Ok(TestServer {
             rt,
