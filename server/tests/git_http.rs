@@ -127,7 +127,7 @@ fn clone_fetch_push_with_every_protocol_version() -> Result<()> {
         let big: String = (0..150_000)
             .map(|i| format!("{:x}", (i * 7919) % 65521))
             .collect();
-        std::fs::write(b.join("big.md"), &big)?;
+        std::fs::write(b.join("big.txt"), &big)?;
         let random: Vec<u8> = (0..1_500_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
@@ -149,7 +149,7 @@ fn clone_fetch_push_with_every_protocol_version() -> Result<()> {
         )?;
         let c = clone(tmp.path(), &url, &format!("c{v}"), v, &[])?;
         assert_eq!(head(&c)?, head(&b)?);
-        assert_eq!(std::fs::read_to_string(c.join("big.md"))?, big);
+        assert_eq!(std::fs::read_to_string(c.join("big.txt"))?, big);
         git(&c, &["fsck", "--full", "--strict"])?;
     }
     // The repositories in the mount are sound.
