@@ -140,35 +140,99 @@ pub fn is_stale_mount(path: &Path) -> bool {
     matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
-/// Clear a stale mount left by a killed daemon, or explain how to.
-fn clear_stale(path: &Path) -> Result<(), MountError> {
-    if !is_stale_mount(path) {
-        return Ok(());
+/// Whether `/proc/mounts` lists a FUSE mount at `path`. Reading the mount table never
+/// touches the mount itself, so it cannot hang on a dead daemon.
+fn fuse_mount_listed(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().any(|l| {
+        let mut f = l.split(' ');
+        let (_src, dir, fstype) = (f.next(), f.next(), f.next().unwrap_or(""));
+        dir.map(|d| d.replace("\\040", " ")) == Some(want.to_string()) && fstype.starts_with("fuse")
+    })
+}
+
+/// How a mountpoint that is already mounted answers.
+enum Probe {
+    /// It answers: a live daemon serves it.
+    Alive,
+    /// ENOTCONN: the daemon is gone and the kernel knows it.
+    Disconnected,
+    /// No answer: the daemon died while its own threads were inside the mount, so the
+    /// connection is held open by a process that will never answer.
+    Hung,
+}
+
+fn probe(path: &Path) -> Probe {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    // The stat may block until the connection is aborted; never wait on it inline.
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(&p).map_err(|e| e.raw_os_error()));
+    });
+    match rx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Ok(_)) => Probe::Alive,
+        Ok(Err(Some(libc::ENOTCONN))) => Probe::Disconnected,
+        Ok(Err(_)) => Probe::Alive,
+        Err(_) => Probe::Hung,
     }
-    tracing::warn!(mountpoint = %path.display(), "mountpoint is stale (a previous daemon died); unmounting it");
-    let ok = std::process::Command::new("umount")
+}
+
+fn run_ok(cmd: &str, args: &[&str], path: &Path) -> bool {
+    std::process::Command::new(cmd)
+        .args(args)
         .arg(path)
+        .stderr(std::process::Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
-        || std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg(path)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    if ok && !is_stale_mount(path) {
-        Ok(())
-    } else {
-        Err(MountError::Mount {
-            path: path.to_path_buf(),
-            reason: format!(
-                "a stale mount is in the way; run `umount {}` (as root) or `fusermount3 -u {}`",
-                path.display(),
-                path.display()
-            ),
-        })
+}
+
+/// Clear a stale mount left by a killed daemon, or explain how to. A mount whose
+/// daemon still answers is refused rather than mounted over.
+fn clear_stale(path: &Path) -> Result<(), MountError> {
+    if !fuse_mount_listed(path) {
+        return Ok(());
     }
+    match probe(path) {
+        Probe::Alive => {
+            return Err(MountError::Mount {
+                path: path.to_path_buf(),
+                reason: "something is already mounted there and answering; unmount it first".into(),
+            })
+        }
+        Probe::Disconnected => {
+            tracing::warn!(mountpoint = %path.display(), "mountpoint is stale (a previous daemon died); unmounting it")
+        }
+        Probe::Hung => tracing::warn!(
+            mountpoint = %path.display(),
+            "mountpoint does not answer (a previous daemon died inside it); aborting the FUSE connection"
+        ),
+    }
+    // Plain umount for a disconnected mount; `umount -f` aborts a hung FUSE connection
+    // (the kernel's umount_begin), which also lets the dead daemon finish exiting.
+    let _ = run_ok("umount", &[], path)
+        || run_ok("umount", &["-f"], path)
+        || run_ok("fusermount3", &["-u"], path);
+    for _ in 0..50 {
+        if !fuse_mount_listed(path) {
+            return Ok(());
+        }
+        if run_ok("umount", &[], path) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(MountError::Mount {
+        path: path.to_path_buf(),
+        reason: format!(
+            "a stale mount is in the way; run `umount -f {}` (as root) or `fusermount3 -u {}`",
+            path.display(),
+            path.display()
+        ),
+    })
 }
 
 /// Mount the store named by `config.store_url`.

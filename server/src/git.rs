@@ -1046,6 +1046,8 @@ pub struct PushOutcome {
     pub messages: Vec<String>,
     /// The client asked for side band (so messages can be sent).
     pub sideband: bool,
+    /// Which side band.
+    pub band: Band,
 }
 
 /// A reader that counts bytes and refuses more than a limit.
@@ -1170,7 +1172,9 @@ pub fn receive_pack(
         push_options: req.push_options.clone(),
         head_branch: head_branch(&repo),
         messages,
-        sideband: req.has("side-band-64k") && !req.has("quiet"),
+        // `quiet` only turns off progress; messages about the push still go out.
+        sideband: req.has("side-band-64k") || req.has("side-band"),
+        band: Band::from_caps(|c| req.has(c)),
         ..Default::default()
     };
     for (cmd, r) in req.commands.iter().zip(&results) {

@@ -588,7 +588,9 @@ async fn receive_pack(
         // Progress goes on band 2, before the report (which ends in a flush).
         let mut pre = Vec::new();
         for m in messages {
-            protocol::Band::Large.encode(&mut pre, 2, format!("{m}\n").as_bytes());
+            outcome
+                .band
+                .encode(&mut pre, 2, format!("{m}\n").as_bytes());
         }
         pre.extend_from_slice(&response);
         response = pre;

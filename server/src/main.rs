@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use repofs::mount::parse_size;
 use repofs_server::db::Db;
 use repofs_server::server::{self, ServerConfig};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,7 +137,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let db = Db::connect(&cfg.database_url).await?;
             let token = db.create_token(&user).await?;
-            println!("{token}");
+            writeln!(std::io::stdout(), "{token}")?;
             db.close().await;
             Ok(())
         }
@@ -166,8 +167,14 @@ async fn run(cli: Cli) -> Result<()> {
             if cfg.database_url.starts_with("sqlite:") {
                 std::fs::create_dir_all(&home)?;
             }
+            // Handlers first, so a signal that arrives during startup is not fatal.
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
             let srv = repofs_server::start(cfg.clone()).await?;
-            println!(
+            // A closed stdout (a supervisor that stopped reading) must not kill the server.
+            let _ = writeln!(
+                std::io::stdout(),
                 "repofs-server listening on http://{}\n  store:    {}\n  mounted:  {}\n  database: {}\n  clone:    git clone http://{}/v1/git/AGENT_ID/state.git",
                 srv.addr(),
                 cfg.store_url,
@@ -175,21 +182,14 @@ async fn run(cli: Cli) -> Result<()> {
                 server::redact(&cfg.database_url),
                 srv.addr()
             );
-            wait_for_signal().await;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
             tracing::info!("shutting down: draining requests, flushing, unmounting");
             srv.shutdown().await?;
             tracing::info!("stopped");
             Ok(())
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -665,9 +665,10 @@ pub fn ls_refs_response(snap: &RefsSnapshot, args: &LsRefs) -> Vec<u8> {
 }
 
 /// A side-band aware writer of response frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Band {
     /// No side band: pack bytes raw, progress dropped.
+    #[default]
     None,
     /// `side-band`: 1000-byte frames.
     Small,

@@ -43,11 +43,6 @@ impl TestServer {
         std::fs::create_dir_all(home.path().join("store"))?;
         let mut config = ServerConfig::embedded(home.path());
         config.listen = "127.0.0.1:0".parse()?;
-        if let Ok(pg) = std::env::var("REPOFS_TEST_DATABASE_URL") {
-            if std::env::var("REPOFS_TEST_USE_PG").is_ok() {
-                config.database_url = pg;
-            }
-        }
         tweak(&mut config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
@@ -127,6 +122,20 @@ impl TestServer {
         })
     }
 
+    /// A server on a fresh database of the given kind: SQLite in the home directory, or
+    /// a new PostgreSQL database on the cluster named by `REPOFS_TEST_PG_URL`.
+    /// `Ok(None)` when PostgreSQL is asked for but not configured (and
+    /// `REPOFS_TEST_REQUIRE_PG` is not set, which makes that an error).
+    pub fn start_on(db: Backend) -> Result<Option<TestServer>> {
+        match db {
+            Backend::Sqlite => Ok(Some(Self::start()?)),
+            Backend::Postgres => match fresh_pg_database()? {
+                Some(url) => Ok(Some(Self::start_with(|c| c.database_url = url)?)),
+                None => Ok(None),
+            },
+        }
+    }
+
     /// Shut down (drain, flush, unmount) and give back the home directory.
     pub fn stop(mut self) -> Result<tempfile::TempDir> {
         if let Some(srv) = self.srv.take() {
@@ -154,4 +163,45 @@ pub fn clone(dir: &Path, url: &str, name: &str, version: u8, extra: &[&str]) -> 
     args.push(name);
     git(dir, &args)?;
     Ok(dir.join(name))
+}
+
+/// Which database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Create an empty database on the test cluster; its URL.
+pub fn fresh_pg_database() -> Result<Option<String>> {
+    let Ok(admin) = std::env::var("REPOFS_TEST_PG_URL") else {
+        if std::env::var("REPOFS_TEST_REQUIRE_PG").is_ok() {
+            anyhow::bail!("REPOFS_TEST_REQUIRE_PG is set but REPOFS_TEST_PG_URL is not");
+        }
+        eprintln!("skipping the PostgreSQL variant: REPOFS_TEST_PG_URL is not set");
+        return Ok(None);
+    };
+    let name = format!("repofs_test_{:016x}", rand::random::<u64>());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await?;
+        // `name` is generated here from hex digits only.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        anyhow::Ok(())
+    })?;
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    let (base, query) = match admin.split_once('?') {
+        Some((_, q)) => (base.to_string(), format!("?{q}")),
+        None => (base.to_string(), String::new()),
+    };
+    Ok(Some(format!("{base}/{name}{query}")))
 }
