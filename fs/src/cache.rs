@@ -115,8 +115,14 @@ impl DiskCache {
             .write(true)
             .open(&lock_path)
             .map_err(dir_err(&lock_path))?;
-        if lock.try_lock().is_err() {
-            return Err(CacheError::Locked(dir.to_path_buf()));
+        // A previous daemon that is still exiting holds the lock for a moment.
+        let mut tries = 0;
+        while lock.try_lock().is_err() {
+            tries += 1;
+            if tries > 50 {
+                return Err(CacheError::Locked(dir.to_path_buf()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         // Staged files of a previous process were never acknowledged: drop them.
         for entry in std::fs::read_dir(&staging_dir).map_err(dir_err(&staging_dir))? {

@@ -180,14 +180,60 @@ fn probe(path: &Path) -> Probe {
     }
 }
 
+/// Run an unmount helper, giving up after 10 s (umount(8) can block on a hung mount).
 fn run_ok(cmd: &str, args: &[&str], path: &Path) -> bool {
-    std::process::Command::new(cmd)
+    let Ok(mut child) = std::process::Command::new(cmd)
         .args(args)
         .arg(path)
         .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .spawn()
+    else {
+        return false;
+    };
+    for _ in 0..100 {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => return false,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// The FUSE connection id of the mount at `path` (the minor of its device number),
+/// from `/proc/self/mountinfo`.
+fn fuse_connection_id(path: &Path) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4).map(|d| d.replace("\\040", " ")) == Some(want.to_string()))
+            .then(|| f.get(2)?.split(':').nth(1)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// Abort a FUSE connection through the fusectl filesystem (mounting it if needed):
+/// every request waiting on it fails, so a dead daemon's stuck threads can exit.
+fn abort_fuse_connection(path: &Path) -> bool {
+    let Some(id) = fuse_connection_id(path) else {
+        return false;
+    };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(id.to_string()).exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(ctl)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let ok = std::fs::write(ctl.join(id.to_string()).join("abort"), "1").is_ok();
+    if ok {
+        tracing::warn!(mountpoint = %path.display(), connection = id, "aborted the FUSE connection of a dead daemon");
+    }
+    ok
 }
 
 /// Clear a stale mount left by a killed daemon, or explain how to. A mount whose
@@ -211,8 +257,10 @@ fn clear_stale(path: &Path) -> Result<(), MountError> {
             "mountpoint does not answer (a previous daemon died inside it); aborting the FUSE connection"
         ),
     }
-    // Plain umount for a disconnected mount; `umount -f` aborts a hung FUSE connection
-    // (the kernel's umount_begin), which also lets the dead daemon finish exiting.
+    // A hung connection must be aborted first: that is what lets the dead daemon's
+    // threads, stuck inside its own mount, finish (and its clients see the connection
+    // close). A plain umount would only detach the mount and leave them waiting.
+    let _ = abort_fuse_connection(path);
     let _ = run_ok("umount", &[], path)
         || run_ok("umount", &["-f"], path)
         || run_ok("fusermount3", &["-u"], path);
@@ -256,8 +304,10 @@ pub fn spawn_mount_with_store(
             path: config.mountpoint.clone(),
             reason: format!("cannot start the I/O runtime: {e}"),
         })?;
-    let fs = build_fs(config, object_store, runtime.handle().clone())?;
+    // Clear a dead daemon's mount first: aborting its connection is what lets it
+    // exit and release the cache directory's lock.
     clear_stale(&config.mountpoint)?;
+    let fs = build_fs(config, object_store, runtime.handle().clone())?;
     std::fs::create_dir_all(&config.mountpoint).map_err(|e| MountError::Mount {
         path: config.mountpoint.clone(),
         reason: format!("cannot create the mountpoint: {e}"),

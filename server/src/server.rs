@@ -158,9 +158,8 @@ pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
     mcfg.cache_dir = cfg.cache_dir.clone();
     mcfg.cache_size = cfg.cache_size;
     mcfg.metadata_ttl = cfg.metadata_ttl;
-    if mount::is_stale_mount(&cfg.mount_dir) {
-        tracing::warn!(mountpoint = %cfg.mount_dir.display(), "clearing a stale mount left by a crash");
-    }
+    // A stale mount left by a crash is cleared by spawn_mount (without touching it,
+    // which could hang on a dead daemon).
     let m = tokio::task::spawn_blocking(move || mount::spawn_mount(&mcfg))
         .await
         .context("mount task")?;
