@@ -444,6 +444,33 @@ fn malformed_git_requests_get_400_and_change_nothing() -> Result<()> {
         String::from_utf8_lossy(&out)
     );
     assert_eq!(main_tip(&s, "agent-bad")?, before);
+    // A pack holding a commit whose parent and tree are missing: refused before the ref
+    // moves.
+    let tmp = tempfile::tempdir()?;
+    git(tmp.path(), &["init", "-q", "-b", "main"])?;
+    commit_file(tmp.path(), "a.md", "a\n")?;
+    let orphan = commit_file(tmp.path(), "b.md", "b\n")?;
+    let mut child = git_cmd(tmp.path(), &["pack-objects", "--stdout"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{orphan}\n").as_bytes())?;
+    let pack = child.wait_with_output()?.stdout;
+    assert_eq!(&pack[..4], b"PACK");
+    let mut body = pkt(&[
+        &format!("{before} {orphan} refs/heads/main\0report-status\n"),
+        "0000",
+    ]);
+    body.extend_from_slice(&pack);
+    let (st, out) = post(rp, body, &[])?;
+    assert_eq!(st, 200);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("ng refs/heads/main missing"), "{out}");
+    assert_eq!(main_tip(&s, "agent-bad")?, before);
     // Nothing was written: the repository is sound and main did not move.
     let repo = s.mount().join(format!("{ORG}/agent-bad/repo.git"));
     git(&repo, &["fsck", "--full"])?;
