@@ -629,7 +629,20 @@ fn lost_events_are_recovered_at_start() -> Result<()> {
     let repo = tmp
         .path()
         .join(format!("side-mnt/{ORG}/agent-lost/repo.git"));
-    git(&w, &["push", "-q", repo.to_str().unwrap(), "main"])?;
+    // No background gc in the mount: it could keep the mount busy at unmount.
+    git(
+        &w,
+        &[
+            "-c",
+            "gc.auto=0",
+            "-c",
+            "receive.autogc=false",
+            "push",
+            "-q",
+            repo.to_str().unwrap(),
+            "main",
+        ],
+    )?;
     m.unmount()?;
     let s = TestServer::start_in(home, |_| {})?;
     wait_until("the startup scan to sync", || {
