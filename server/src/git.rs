@@ -234,6 +234,58 @@ pub enum Flavour {
 pub struct PackOptions {
     /// Threads libgit2 may use for delta search.
     pub threads: u32,
+    /// Where packs of full clones are kept for reuse (`None`: no reuse).
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of that directory in bytes.
+    pub cache_bytes: u64,
+}
+
+/// Full-clone packs, kept on local disk. libgit2 cannot reuse deltas from existing
+/// packs, so every clone would recompute them; a clone's pack depends only on the
+/// wanted commits and the refs (for include-tag), so it is cached under a hash of
+/// those and streamed as is to the next clone of the same state. Builds of one key run
+/// once at a time (the others wait and reuse).
+struct PackCache<'a> {
+    dir: &'a Path,
+    key: String,
+}
+
+fn pack_cache_locks(
+) -> &'static parking_lot::Mutex<HashMap<String, std::sync::Arc<parking_lot::Mutex<()>>>> {
+    static LOCKS: std::sync::OnceLock<
+        parking_lot::Mutex<HashMap<String, std::sync::Arc<parking_lot::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    LOCKS.get_or_init(Default::default)
+}
+
+impl PackCache<'_> {
+    fn path(&self) -> PathBuf {
+        self.dir.join(format!("{}.pack", self.key))
+    }
+
+    /// Keep the directory under `bound` bytes, oldest (by last use) first.
+    fn evict(&self, bound: u64) {
+        let Ok(rd) = std::fs::read_dir(self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, p) in files {
+            if total <= bound {
+                break;
+            }
+            if std::fs::remove_file(&p).is_ok() {
+                total -= len;
+            }
+        }
+    }
 }
 
 fn err_line(out: &mut Vec<u8>, msg: &str) {
@@ -481,7 +533,41 @@ pub fn fetch(
         include_tag: req.has("include-tag"),
         snap: &snap,
     };
-    let res = write_pack(&repo, &selection, opts, band, progress, sink);
+    // Full clones (no haves, no shallow, no filter) reuse a cached pack.
+    let cache_key = match &opts.cache_dir {
+        Some(_)
+            if commons.is_empty()
+                && shallow.is_none()
+                && req.filter.is_none()
+                && client_shallows.is_empty() =>
+        {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(path.to_string_lossy().as_bytes());
+            let mut w: Vec<String> = wants.iter().map(|w| w.to_string()).collect();
+            w.sort();
+            w.dedup();
+            h.update(w.join(",").as_bytes());
+            h.update(if selection.include_tag {
+                b"tags"
+            } else {
+                b"none"
+            });
+            for r in &snap.refs {
+                h.update(format!("{} {} {:?}\n", r.name, r.oid, r.peeled).as_bytes());
+            }
+            Some(hex::encode(h.finalize()))
+        }
+        _ => None,
+    };
+    let cache = match (&opts.cache_dir, cache_key) {
+        (Some(dir), Some(key)) => Some(PackCache { dir, key }),
+        _ => None,
+    };
+    let res = match &cache {
+        Some(c) => write_pack_cached(&repo, &selection, opts, band, progress, sink, c),
+        None => write_pack(&repo, &selection, opts, band, progress, sink, None),
+    };
     match res {
         Ok(()) => {}
         Err(GitError::Disconnected) => return Err(GitError::Disconnected),
@@ -705,6 +791,63 @@ impl Progress {
     }
 }
 
+fn write_pack_cached(
+    repo: &Repository,
+    sel: &Selection<'_>,
+    opts: &PackOptions,
+    band: Band,
+    progress: bool,
+    sink: &mut Sink,
+    cache: &PackCache<'_>,
+) -> Result<(), GitError> {
+    let lock = pack_cache_locks()
+        .lock()
+        .entry(cache.key.clone())
+        .or_default()
+        .clone();
+    let _g = lock.lock();
+    let path = cache.path();
+    if let Ok(mut f) = std::fs::File::open(&path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+        if progress {
+            let mut out = Vec::new();
+            band.encode(&mut out, 2, b"repofs: reusing a cached pack\n");
+            sink.write(&out)?;
+        }
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut framed = Vec::with_capacity(buf.len() + 64);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            framed.clear();
+            band.encode(&mut framed, 1, &buf[..n]);
+            sink.write(&framed)?;
+        }
+        tracing::debug!(key = %cache.key, "served a cached pack");
+        return Ok(());
+    }
+    std::fs::create_dir_all(cache.dir)?;
+    let tmp = cache
+        .dir
+        .join(format!(".tmp-{}-{:016x}", cache.key, rand::random::<u64>()));
+    let mut file = std::fs::File::create(&tmp)?;
+    let res = write_pack(repo, sel, opts, band, progress, sink, Some(&mut file));
+    match res {
+        Ok(()) => {
+            drop(file);
+            std::fs::rename(&tmp, &path)?;
+            cache.evict(opts.cache_bytes);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
 fn write_pack(
     repo: &Repository,
     sel: &Selection<'_>,
@@ -712,6 +855,7 @@ fn write_pack(
     band: Band,
     progress: bool,
     sink: &mut Sink,
+    mut tee: Option<&mut std::fs::File>,
 ) -> Result<(), GitError> {
     let started = Instant::now();
     let mut pb = repo.packbuilder()?;
@@ -887,6 +1031,12 @@ fn write_pack(
             if sink.write(&out).is_err() {
                 failed = true;
                 return false;
+            }
+        }
+        if let Some(f) = tee.as_mut() {
+            if f.write_all(data).is_err() {
+                // The cache copy failed; the client still gets its pack.
+                tee = None;
             }
         }
         chunk.clear();

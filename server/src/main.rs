@@ -89,6 +89,9 @@ struct Serve {
     /// How long a push of the default branch waits for its block sync.
     #[arg(long, env = "REPOFS_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     sync_timeout: Duration,
+    /// Bound of the full-clone pack cache in CACHE_DIR/packs (0 turns it off).
+    #[arg(long, env = "REPOFS_PACK_CACHE_SIZE", default_value = "1G", value_parser = parse_size)]
+    pack_cache_size: u64,
     /// How often every agent is checked for an unsynced branch tip.
     #[arg(long, env = "REPOFS_SYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     sync_interval: Duration,
@@ -164,6 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             cfg.sync_timeout = s.sync_timeout;
             cfg.sync_interval = s.sync_interval;
+            cfg.pack_cache_bytes = s.pack_cache_size;
             if cfg.database_url.starts_with("sqlite:") {
                 std::fs::create_dir_all(&home)?;
             }

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub sync_timeout: Duration,
     /// How often every agent is checked for a branch tip that is not synced.
     pub sync_interval: Duration,
+    /// Bound of the full-clone pack cache (`cache_dir/packs`); 0 turns it off.
+    pub pack_cache_bytes: u64,
 }
 
 impl ServerConfig {
@@ -74,6 +76,7 @@ impl ServerConfig {
             pack_threads: cores.min(4) as u32,
             sync_timeout: Duration::from_secs(10),
             sync_interval: Duration::from_secs(60),
+            pack_cache_bytes: 1 << 30,
         }
     }
 }
@@ -192,6 +195,8 @@ pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
         },
         pack: PackOptions {
             threads: cfg.pack_threads,
+            cache_dir: (cfg.pack_cache_bytes > 0).then(|| cfg.cache_dir.join("packs")),
+            cache_bytes: cfg.pack_cache_bytes,
         },
         push: PushPolicy {
             allow_non_fast_forward: cfg.allow_non_fast_forward,

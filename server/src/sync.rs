@@ -34,6 +34,8 @@ struct AgentSync {
     running: AtomicBool,
     /// The error of the last attempt, if it failed.
     last_error: Mutex<Option<String>>,
+    /// What the last sync that changed something did.
+    last_report: Mutex<Option<SyncReport>>,
 }
 
 /// What `GET /v1/agents/{id}/sync` returns.
@@ -49,6 +51,8 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     /// The branch tip now.
     pub tip: Option<String>,
+    /// What the last sync of this agent in this process did (statements, time).
+    pub last_sync: Option<SyncReport>,
 }
 
 /// Counts of one sync, for logs and the benchmark.
@@ -98,6 +102,7 @@ impl SyncManager {
                     done: watch::channel(0).0,
                     running: AtomicBool::new(false),
                     last_error: Mutex::new(None),
+                    last_report: Mutex::new(None),
                 })
             })
             .clone()
@@ -157,6 +162,7 @@ impl SyncManager {
                     e.done.send_replace(target);
                     if let Some(r) = r {
                         *self.last_report.lock() = Some(r);
+                        *e.last_report.lock() = Some(r);
                     }
                 }
                 Err(err) => {
@@ -245,7 +251,9 @@ impl SyncManager {
         let e = self.entry(&agent.id);
         let running = e.running.load(Ordering::SeqCst);
         let mem_error = e.last_error.lock().clone();
+        let last_sync = *e.last_report.lock();
         Ok(SyncStatus {
+            last_sync,
             pending: running || (tip.is_some() && tip != commit),
             last_error: mem_error.or(db_error),
             commit,

@@ -590,3 +590,56 @@ fn two_servers_sharing_a_store_never_serve_stale_refs() -> Result<()> {
     let _ = ZERO;
     Ok(())
 }
+
+#[test]
+fn full_clone_packs_are_reused_until_a_ref_moves() -> Result<()> {
+    let s = TestServer::start()?;
+    s.create_agent("agent-pcache")?;
+    let url = s.remote("agent-pcache");
+    let tmp = tempfile::tempdir()?;
+    let w = clone(tmp.path(), &url, "w", 2, &[])?;
+    commit_file(&w, "a.md", "a\n")?;
+    git(&w, &["push", "-q", "origin", "main"])?;
+    let clone_stderr = |name: &str, v: u8| -> Result<String> {
+        let out = git_cmd(
+            tmp.path(),
+            &[
+                "-c",
+                &format!("protocol.version={v}"),
+                "clone",
+                "--progress",
+                &url,
+                name,
+            ],
+        )
+        .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let first = clone_stderr("c1", 2)?;
+    assert!(!first.contains("reusing a cached pack"), "{first}");
+    let second = clone_stderr("c2", 2)?;
+    assert!(second.contains("reusing a cached pack"), "{second}");
+    let v0 = clone_stderr("c3", 0)?;
+    assert!(v0.contains("reusing a cached pack"), "{v0}");
+    for c in ["c1", "c2", "c3"] {
+        let d = tmp.path().join(c);
+        git(&d, &["fsck", "--full"])?;
+        assert_eq!(head(&d)?, head(&w)?);
+    }
+    // A new commit: a new key, and the new clone has it.
+    let tip = commit_file(&w, "b.md", "b\n")?;
+    git(&w, &["push", "-q", "origin", "main"])?;
+    let after = clone_stderr("c4", 2)?;
+    assert!(!after.contains("reusing a cached pack"), "{after}");
+    assert_eq!(head(&tmp.path().join("c4"))?, tip);
+    // One cached pack per repository state cloned: the initial commit (clone `w`),
+    // after the first push, after the second.
+    let packs = std::fs::read_dir(s.config.cache_dir.join("packs"))?.count();
+    assert_eq!(packs, 3);
+    Ok(())
+}
