@@ -238,6 +238,8 @@ pub struct PackOptions {
     pub cache_dir: Option<PathBuf>,
     /// Bound of that directory in bytes.
     pub cache_bytes: u64,
+    /// Server counters.
+    pub counters: std::sync::Arc<crate::metrics::Counters>,
 }
 
 /// Full-clone packs, kept on local disk. libgit2 cannot reuse deltas from existing
@@ -826,6 +828,7 @@ fn write_pack_cached(
             sink.write(&framed)?;
         }
         tracing::debug!(key = %cache.key, "served a cached pack");
+        crate::metrics::Counters::inc(&opts.counters.pack_cache_hits);
         return Ok(());
     }
     std::fs::create_dir_all(cache.dir)?;
@@ -858,6 +861,7 @@ fn write_pack(
     mut tee: Option<&mut std::fs::File>,
 ) -> Result<(), GitError> {
     let started = Instant::now();
+    crate::metrics::Counters::inc(&opts.counters.packs_built);
     let mut pb = repo.packbuilder()?;
     pb.set_threads(opts.threads.max(1));
     let roots = commit_roots(repo, sel.wants);

@@ -49,6 +49,8 @@ pub struct AppState {
     pub create_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Block sync.
     pub sync: Arc<crate::sync::SyncManager>,
+    /// Server counters.
+    pub counters: Arc<crate::metrics::Counters>,
 }
 
 /// Errors at the HTTP edge.
@@ -289,10 +291,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/agents/{agent_id}", get(get_agent))
         .merge(crate::blocks::routes())
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/stats", get(stats))
         .fallback(fallback)
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({
+        "server": state.counters.snapshot(),
+        "fs": state.fs.stats().snapshot(),
+    }))
+    .into_response()
 }
 
 async fn fallback(req: Request) -> ApiError {
@@ -312,7 +323,14 @@ async fn fallback(req: Request) -> ApiError {
 async fn trace_request(req: Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let span = tracing::info_span!("request", %method, %path, status = tracing::field::Empty, ms = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        %path,
+        repo = tracing::field::Empty,
+        status = tracing::field::Empty,
+        ms = tracing::field::Empty
+    );
     let started = Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("status", resp.status().as_u16());
@@ -558,6 +576,9 @@ async fn receive_pack(
     let mut response = outcome.response;
     let mut messages = outcome.messages.clone();
     let key = repo_key(&agent);
+    if !outcome.updated.is_empty() {
+        crate::metrics::Counters::inc(&state.counters.pushes);
+    }
     for (name, old, new) in &outcome.updated {
         tracing::info!(repo = %key, refname = %name, %old, %new, "ref updated by push");
     }

@@ -11,6 +11,7 @@ pub mod blocks;
 pub mod db;
 pub mod git;
 pub mod http;
+pub mod metrics;
 pub mod pktline;
 pub mod protocol;
 pub mod server;

@@ -183,7 +183,13 @@ pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
         }
     };
     let addr = listener.local_addr()?;
-    let sync = SyncManager::new(db.clone(), cfg.mount_dir.clone(), cfg.sync_timeout);
+    let counters = Arc::new(crate::metrics::Counters::default());
+    let sync = SyncManager::new(
+        db.clone(),
+        cfg.mount_dir.clone(),
+        cfg.sync_timeout,
+        counters.clone(),
+    );
     let background = sync.spawn_background(m.subscribe(), cfg.sync_interval);
     let state = Arc::new(AppState {
         db,
@@ -197,6 +203,7 @@ pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
             threads: cfg.pack_threads,
             cache_dir: (cfg.pack_cache_bytes > 0).then(|| cfg.cache_dir.join("packs")),
             cache_bytes: cfg.pack_cache_bytes,
+            counters: counters.clone(),
         },
         push: PushPolicy {
             allow_non_fast_forward: cfg.allow_non_fast_forward,
@@ -206,6 +213,7 @@ pub async fn start_with_db(cfg: ServerConfig, db: Db) -> Result<RunningServer> {
         pack_permits: Arc::new(Semaphore::new(cfg.max_pack_builds.max(1))),
         create_locks: Mutex::new(Default::default()),
         sync,
+        counters,
     });
     let app = http::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -78,17 +78,24 @@ pub struct SyncManager {
     agents: Mutex<HashMap<String, Arc<AgentSync>>>,
     /// The most recent sync's report (for tests and the benchmark).
     pub last_report: Mutex<Option<SyncReport>>,
+    counters: Arc<crate::metrics::Counters>,
 }
 
 impl SyncManager {
     /// A manager over the mount at `mount_dir`.
-    pub fn new(db: Db, mount_dir: PathBuf, timeout: Duration) -> Arc<SyncManager> {
+    pub fn new(
+        db: Db,
+        mount_dir: PathBuf,
+        timeout: Duration,
+        counters: Arc<crate::metrics::Counters>,
+    ) -> Arc<SyncManager> {
         Arc::new(SyncManager {
             db,
             mount_dir,
             timeout,
             agents: Mutex::new(HashMap::new()),
             last_report: Mutex::new(None),
+            counters,
         })
     }
 
@@ -161,11 +168,13 @@ impl SyncManager {
                     backoff = Duration::from_millis(200);
                     e.done.send_replace(target);
                     if let Some(r) = r {
+                        crate::metrics::Counters::inc(&self.counters.syncs);
                         *self.last_report.lock() = Some(r);
                         *e.last_report.lock() = Some(r);
                     }
                 }
                 Err(err) => {
+                    crate::metrics::Counters::inc(&self.counters.sync_failures);
                     let msg = err.to_string();
                     tracing::warn!(agent = %agent.id, error = %msg, retry_in = ?backoff, "block sync failed");
                     *e.last_error.lock() = Some(msg.clone());

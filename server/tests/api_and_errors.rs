@@ -522,6 +522,12 @@ fn gzip_request_bodies_are_accepted() -> Result<()> {
         String::from_utf8_lossy(&out[..20.min(out.len())])
     );
     assert!(out.windows(4).any(|w| w == b"PACK"));
+    // The counters show the pack that was built and the store requests made.
+    let (st, body) = s.request("GET", "/v1/stats", &[], None)?;
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(v["server"]["packs_built"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["fs"]["store_list"].as_u64().unwrap() >= 1, "{v}");
     Ok(())
 }
 
