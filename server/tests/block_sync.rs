@@ -835,3 +835,48 @@ impl Drop for MountCleanup {
         }
     }
 }
+
+#[test]
+fn failing_syncs_retry_and_show_their_error() -> Result<()> {
+    let s = TestServer::start_with(|c| c.sync_timeout = Duration::from_secs(1))?;
+    s.create_agent("agent-fail")?;
+    let tmp = tempfile::tempdir()?;
+    let w = clone(tmp.path(), &s.remote("agent-fail"), "w", 2, &[])?;
+    let db = s.srv().state().db.clone();
+    // Break the database under the sync: its table is gone.
+    s.rt.block_on(
+        sqlx::query("ALTER TABLE blocks_agents RENAME TO blocks_agents_away").execute(db.pool()),
+    )?;
+    write(&w, "human.md", b"while the database is broken\n")?;
+    commit_all(&w, "x")?;
+    // The push still succeeds, and says the sync is late.
+    let stderr = push(&w)?;
+    assert!(
+        stderr.contains("block sync did not finish within"),
+        "{stderr}"
+    );
+    let (_, body) = s.request("GET", "/v1/agents/agent-fail/sync", &[], None)?;
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["pending"], true, "{v}");
+    assert!(
+        v["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("blocks_agents"),
+        "{v}"
+    );
+    // Repair it: the retry (with backoff) catches up without another push.
+    s.rt.block_on(
+        sqlx::query("ALTER TABLE blocks_agents_away RENAME TO blocks_agents").execute(db.pool()),
+    )?;
+    wait_until("the retried sync", || {
+        let (_, body) = s.request("GET", "/v1/agents/agent-fail/sync", &[], None)?;
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["pending"] == false && v["last_error"].is_null())
+    })?;
+    assert_eq!(
+        block(&s, "agent-fail", "human")?.unwrap()["value"],
+        "while the database is broken\n"
+    );
+    Ok(())
+}
