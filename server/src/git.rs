@@ -1961,6 +1961,17 @@ pub fn write_file(
     }
 }
 
+/// Whether `ancestor` is `descendant` or one of its ancestors.
+pub fn is_ancestor(path: &Path, ancestor: &str, descendant: &str) -> bool {
+    let (Ok(a), Ok(d)) = (Oid::from_str(ancestor), Oid::from_str(descendant)) else {
+        return false;
+    };
+    a == d
+        || open(path)
+            .ok()
+            .is_some_and(|r| r.graph_descendant_of(d, a).unwrap_or(false))
+}
+
 /// The tip of `HEAD`'s branch.
 pub fn head_tip(path: &Path) -> Result<Option<HexOid>, GitError> {
     if !exists(path) {

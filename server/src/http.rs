@@ -583,15 +583,19 @@ async fn receive_pack(
         tracing::info!(repo = %key, refname = %name, %old, %new, "ref updated by push");
     }
     // Read-your-writes: when the default branch moved, wait (bounded) for its sync.
+    // The sync itself is started by the filesystem's event for that ref update.
     let head = outcome.head_branch.as_deref();
-    if outcome
+    if let Some((_, _, new)) = outcome
         .updated
         .iter()
-        .any(|(n, _, new)| Some(n.as_str()) == head && !new.is_zero())
+        .find(|(n, _, new)| Some(n.as_str()) == head && !new.is_zero())
     {
-        let seq = state.sync.request(&agent);
         let timeout = state.sync.timeout();
-        if !state.sync.wait(&agent.id, seq, timeout).await {
+        if !state
+            .sync
+            .wait_for_commit(&agent, new.as_str(), timeout)
+            .await
+        {
             let why = state
                 .sync
                 .status(&state, &agent)

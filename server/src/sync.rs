@@ -30,6 +30,8 @@ struct AgentSync {
     requested: AtomicU64,
     /// Sequence number the last finished sync covered.
     done: watch::Sender<u64>,
+    /// The commit the database holds the blocks of, after the last finished sync.
+    synced: watch::Sender<Option<String>>,
     /// A runner task is active.
     running: AtomicBool,
     /// The error of the last attempt, if it failed.
@@ -107,6 +109,7 @@ impl SyncManager {
                 Arc::new(AgentSync {
                     requested: AtomicU64::new(0),
                     done: watch::channel(0).0,
+                    synced: watch::channel(None).0,
                     running: AtomicBool::new(false),
                     last_error: Mutex::new(None),
                     last_report: Mutex::new(None),
@@ -119,9 +122,7 @@ impl SyncManager {
         self.mount_dir.join(repo_key(agent))
     }
 
-    /// Ask for a sync of `agent` to its newest tip; returns a ticket for [`wait`].
-    ///
-    /// [`wait`]: SyncManager::wait
+    /// Ask for a sync of `agent` to its newest tip; returns its sequence number.
     pub fn request(self: &Arc<Self>, agent: &Agent) -> u64 {
         let e = self.entry(&agent.id);
         let seq = e.requested.fetch_add(1, Ordering::SeqCst) + 1;
@@ -133,12 +134,37 @@ impl SyncManager {
         seq
     }
 
-    /// Wait until the sync covering `seq` finished; `false` on timeout.
-    pub async fn wait(&self, agent_id: &str, seq: u64, timeout: Duration) -> bool {
-        let mut rx = self.entry(agent_id).done.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|d| *d >= seq))
-            .await
-            .is_ok_and(|r| r.is_ok())
+    /// Wait until the database holds the blocks of `commit` (or of a descendant, when
+    /// a later update was synced first); `false` on timeout.
+    pub async fn wait_for_commit(&self, agent: &Agent, commit: &str, timeout: Duration) -> bool {
+        let e = self.entry(&agent.id);
+        let mut rx = e.synced.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut checked: Option<String> = None;
+        loop {
+            let cur = rx.borrow_and_update().clone();
+            if let Some(c) = cur {
+                if c == commit {
+                    return true;
+                }
+                if checked.as_deref() != Some(c.as_str()) {
+                    let path = self.repo_path(agent);
+                    let (anc, desc) = (commit.to_string(), c.clone());
+                    let later =
+                        tokio::task::spawn_blocking(move || git::is_ancestor(&path, &anc, &desc))
+                            .await
+                            .unwrap_or(false);
+                    if later {
+                        return true;
+                    }
+                    checked = Some(c);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
     }
 
     /// The configured bound of read-your-writes waits.
@@ -163,9 +189,12 @@ impl SyncManager {
             let span = tracing::info_span!("sync", agent = %agent.id, repo = %repo_key(&agent));
             let _ = span.enter();
             match self.sync_once(&agent).await {
-                Ok(r) => {
+                Ok((r, commit)) => {
                     *e.last_error.lock() = None;
                     backoff = Duration::from_millis(200);
+                    if commit.is_some() {
+                        e.synced.send_replace(commit);
+                    }
                     e.done.send_replace(target);
                     if let Some(r) = r {
                         crate::metrics::Counters::inc(&self.counters.syncs);
@@ -219,7 +248,11 @@ impl SyncManager {
     }
 
     /// One sync of `agent` to the current tip. `Ok(None)`: nothing to do.
-    pub async fn sync_once(&self, agent: &Agent) -> Result<Option<SyncReport>, SyncError> {
+    /// Returns what it did (`None`: nothing to do) and the commit now synced.
+    pub async fn sync_once(
+        &self,
+        agent: &Agent,
+    ) -> Result<(Option<SyncReport>, Option<String>), SyncError> {
         let started = Instant::now();
         let (last, _, _) = self.synced_commit(&agent.id).await?;
         let path = self.repo_path(agent);
@@ -229,10 +262,10 @@ impl SyncManager {
                 .await
                 .map_err(|e| SyncError::Other(e.to_string()))??;
         let Some(tip) = plan.tip.as_ref().map(|t| t.to_string()) else {
-            return Ok(None);
+            return Ok((None, last));
         };
         if last.as_deref() == Some(tip.as_str()) {
-            return Ok(None);
+            return Ok((None, last));
         }
         let mut report = apply_plan(&self.db, agent, &plan, &tip).await?;
         report.micros = started.elapsed().as_micros() as u64;
@@ -246,7 +279,7 @@ impl SyncManager {
             ms = report.micros as f64 / 1000.0,
             "blocks synced"
         );
-        Ok(Some(report))
+        Ok((Some(report), Some(tip)))
     }
 
     /// The sync status of an agent.
@@ -408,8 +441,11 @@ impl SyncManager {
             WriteError::Invalid(m) => ApiError::BadRequest(m),
             WriteError::Git(g) => g.into(),
         })?;
-        let seq = self.request(agent);
-        if !self.wait(&agent.id, seq, self.timeout).await {
+        // The filesystem's ref event starts the sync; wait for it to cover the commit.
+        if !self
+            .wait_for_commit(agent, commit.as_str(), self.timeout)
+            .await
+        {
             return Err(ApiError::Unavailable(format!(
                 "committed {commit}, but the block sync did not finish within {:?}",
                 self.timeout

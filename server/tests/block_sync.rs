@@ -643,7 +643,23 @@ fn lost_events_are_recovered_at_start() -> Result<()> {
             "main",
         ],
     )?;
-    m.unmount()?;
+    if let Err(e) = m.unmount() {
+        // Busy for a moment after git's last process exits: retry, then give up.
+        let mnt = tmp.path().join("side-mnt");
+        let mut done = false;
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if std::process::Command::new("umount")
+                .arg(&mnt)
+                .status()?
+                .success()
+            {
+                done = true;
+                break;
+            }
+        }
+        anyhow::ensure!(done, "unmount of the side mount failed: {e}");
+    }
     let s = TestServer::start_in(home, |_| {})?;
     wait_until("the startup scan to sync", || {
         Ok(block(&s, "agent-lost", "offline")?.is_some())
