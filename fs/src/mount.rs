@@ -463,8 +463,17 @@ impl MountHandle {
         let mut result = flushed;
         if let Some(session) = self.session.take() {
             if let Err(e) = session.umount_and_join() {
+                // Busy for a moment (a process that used the mount is still exiting):
+                // the session keeps serving, so retry for a few seconds.
+                let retried = e.raw_os_error() == Some(libc::EBUSY)
+                    && (0..50).any(|_| {
+                        std::thread::sleep(Duration::from_millis(100));
+                        run_ok("umount", &[], &self.mountpoint)
+                    });
                 // The kernel may already have dropped the mount (external umount).
-                if is_stale_mount(&self.mountpoint) || e.raw_os_error() != Some(libc::EINVAL) {
+                if !retried
+                    && (is_stale_mount(&self.mountpoint) || e.raw_os_error() != Some(libc::EINVAL))
+                {
                     result = result.and(Err(MountError::Unmount {
                         path: self.mountpoint.clone(),
                         source: e,

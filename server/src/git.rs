@@ -1828,7 +1828,12 @@ pub struct SyncPlan {
 
 /// Compute a sync plan from `last` (the last synced commit) to the current tip: a tree
 /// diff when `last` is an ancestor of the tip, a full listing otherwise.
-pub fn sync_plan(path: &Path, last: Option<&str>) -> Result<SyncPlan, GitError> {
+/// `hint`: the tip a ref event reported, used instead of reading the ref when present.
+pub fn sync_plan(
+    path: &Path,
+    last: Option<&str>,
+    hint: Option<&str>,
+) -> Result<SyncPlan, GitError> {
     if !exists(path) {
         return Ok(SyncPlan::default());
     }
@@ -1836,7 +1841,10 @@ pub fn sync_plan(path: &Path, last: Option<&str>) -> Result<SyncPlan, GitError> 
     let Some(branch) = head_branch(&repo) else {
         return Ok(SyncPlan::default());
     };
-    let Some(tip) = current_target(&repo, &branch) else {
+    let hinted = hint
+        .and_then(|h| Oid::from_str(h).ok())
+        .filter(|h| repo.find_commit(*h).is_ok());
+    let Some(tip) = hinted.or_else(|| current_target(&repo, &branch)) else {
         return Ok(SyncPlan::default());
     };
     let mut plan = SyncPlan {

@@ -32,6 +32,10 @@ struct AgentSync {
     done: watch::Sender<u64>,
     /// The commit the database holds the blocks of, after the last finished sync.
     synced: watch::Sender<Option<String>>,
+    /// The newest tip a ref event reported. The event is published while the kernel is
+    /// still completing the rename, so a read of the ref through the mount right then
+    /// can return the old value; the event's own value is authoritative.
+    hint: Mutex<Option<String>>,
     /// A runner task is active.
     running: AtomicBool,
     /// The error of the last attempt, if it failed.
@@ -110,6 +114,7 @@ impl SyncManager {
                     requested: AtomicU64::new(0),
                     done: watch::channel(0).0,
                     synced: watch::channel(None).0,
+                    hint: Mutex::new(None),
                     running: AtomicBool::new(false),
                     last_error: Mutex::new(None),
                     last_report: Mutex::new(None),
@@ -124,7 +129,15 @@ impl SyncManager {
 
     /// Ask for a sync of `agent` to its newest tip; returns its sequence number.
     pub fn request(self: &Arc<Self>, agent: &Agent) -> u64 {
+        self.request_tip(agent, None)
+    }
+
+    /// Like [`SyncManager::request`], with the tip a ref event reported.
+    pub fn request_tip(self: &Arc<Self>, agent: &Agent, tip: Option<&str>) -> u64 {
         let e = self.entry(&agent.id);
+        if let Some(t) = tip {
+            *e.hint.lock() = Some(t.to_string());
+        }
         let seq = e.requested.fetch_add(1, Ordering::SeqCst) + 1;
         if !e.running.swap(true, Ordering::SeqCst) {
             let me = self.clone();
@@ -188,7 +201,8 @@ impl SyncManager {
             }
             let span = tracing::info_span!("sync", agent = %agent.id, repo = %repo_key(&agent));
             let _ = span.enter();
-            match self.sync_once(&agent).await {
+            let hint = e.hint.lock().take();
+            match self.sync_once(&agent, hint.as_deref()).await {
                 Ok((r, commit)) => {
                     *e.last_error.lock() = None;
                     backoff = Duration::from_millis(200);
@@ -204,6 +218,9 @@ impl SyncManager {
                 }
                 Err(err) => {
                     crate::metrics::Counters::inc(&self.counters.sync_failures);
+                    if let Some(h) = hint {
+                        e.hint.lock().get_or_insert(h);
+                    }
                     let msg = err.to_string();
                     tracing::warn!(agent = %agent.id, error = %msg, retry_in = ?backoff, "block sync failed");
                     *e.last_error.lock() = Some(msg.clone());
@@ -252,15 +269,18 @@ impl SyncManager {
     pub async fn sync_once(
         &self,
         agent: &Agent,
+        hint: Option<&str>,
     ) -> Result<(Option<SyncReport>, Option<String>), SyncError> {
         let started = Instant::now();
         let (last, _, _) = self.synced_commit(&agent.id).await?;
         let path = self.repo_path(agent);
         let last2 = last.clone();
-        let plan: SyncPlan =
-            tokio::task::spawn_blocking(move || git::sync_plan(&path, last2.as_deref()))
-                .await
-                .map_err(|e| SyncError::Other(e.to_string()))??;
+        let hint2 = hint.map(String::from);
+        let plan: SyncPlan = tokio::task::spawn_blocking(move || {
+            git::sync_plan(&path, last2.as_deref(), hint2.as_deref())
+        })
+        .await
+        .map_err(|e| SyncError::Other(e.to_string()))??;
         let Some(tip) = plan.tip.as_ref().map(|t| t.to_string()) else {
             return Ok((None, last));
         };
@@ -323,7 +343,7 @@ impl SyncManager {
         }
         match self.db.agent(agent_id).await {
             Ok(Some(a)) if &a.organization_id == org => {
-                self.request(&a);
+                self.request_tip(&a, ev.new.as_ref().map(|o| o.as_str()));
             }
             Ok(_) => {
                 tracing::debug!(repo = %ev.repo, "ref event for a repository without an agent")
