@@ -567,8 +567,16 @@ pub fn fetch(
         _ => None,
     };
     let res = match &cache {
-        Some(c) => write_pack_cached(&repo, &selection, opts, band, progress, sink, c),
-        None => write_pack(&repo, &selection, opts, band, progress, sink, None),
+        Some(c) => write_pack_cached(&repo, &selection, opts, Framing { band, progress }, sink, c),
+        None => write_pack(
+            &repo,
+            &selection,
+            opts,
+            Framing { band, progress },
+            sink,
+            None,
+            true,
+        ),
     };
     match res {
         Ok(()) => {}
@@ -797,69 +805,102 @@ fn write_pack_cached(
     repo: &Repository,
     sel: &Selection<'_>,
     opts: &PackOptions,
-    band: Band,
-    progress: bool,
+    framing: Framing,
     sink: &mut Sink,
     cache: &PackCache<'_>,
 ) -> Result<(), GitError> {
-    let lock = pack_cache_locks()
-        .lock()
-        .entry(cache.key.clone())
-        .or_default()
-        .clone();
-    let _g = lock.lock();
+    let Framing { band, progress } = framing;
     let path = cache.path();
-    if let Ok(mut f) = std::fs::File::open(&path) {
-        let _ = f.set_modified(std::time::SystemTime::now());
+    // Under the key's lock: find the pack, or build it into the cache (clients of the
+    // same state wait for this one build). The lock is released before streaming, so
+    // a slow client never holds up the others.
+    let (mut file, hit) = {
+        let lock = pack_cache_locks()
+            .lock()
+            .entry(cache.key.clone())
+            .or_default()
+            .clone();
+        let _g = lock.lock();
+        match std::fs::File::open(&path) {
+            Ok(f) => (f, true),
+            Err(_) => {
+                let tmp =
+                    cache
+                        .dir
+                        .join(format!(".tmp-{}-{:016x}", cache.key, rand::random::<u64>()));
+                let built = std::fs::create_dir_all(cache.dir)
+                    .and_then(|()| std::fs::File::create(&tmp))
+                    .map_err(GitError::from)
+                    .and_then(|mut f| {
+                        write_pack(repo, sel, opts, framing, sink, Some(&mut f), false)?;
+                        f.sync_data()?;
+                        Ok(())
+                    });
+                match built.and_then(|()| Ok(std::fs::rename(&tmp, &path)?)) {
+                    Ok(()) => {}
+                    Err(GitError::Disconnected) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(GitError::Disconnected);
+                    }
+                    Err(e) => {
+                        // The cache could not be written (disk full?): stream directly.
+                        let _ = std::fs::remove_file(&tmp);
+                        tracing::warn!(error = %e, "pack cache write failed; streaming uncached");
+                        let quiet = Framing {
+                            band,
+                            progress: false,
+                        };
+                        return write_pack(repo, sel, opts, quiet, sink, None, true);
+                    }
+                }
+                cache.evict(opts.cache_bytes);
+                (std::fs::File::open(&path)?, false)
+            }
+        }
+    };
+    if hit {
+        let _ = file.set_modified(std::time::SystemTime::now());
+        crate::metrics::Counters::inc(&opts.counters.pack_cache_hits);
         if progress {
             let mut out = Vec::new();
             band.encode(&mut out, 2, b"repofs: reusing a cached pack\n");
             sink.write(&out)?;
         }
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut framed = Vec::with_capacity(buf.len() + 64);
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            framed.clear();
-            band.encode(&mut framed, 1, &buf[..n]);
-            sink.write(&framed)?;
-        }
-        tracing::debug!(key = %cache.key, "served a cached pack");
-        crate::metrics::Counters::inc(&opts.counters.pack_cache_hits);
-        return Ok(());
     }
-    std::fs::create_dir_all(cache.dir)?;
-    let tmp = cache
-        .dir
-        .join(format!(".tmp-{}-{:016x}", cache.key, rand::random::<u64>()));
-    let mut file = std::fs::File::create(&tmp)?;
-    let res = write_pack(repo, sel, opts, band, progress, sink, Some(&mut file));
-    match res {
-        Ok(()) => {
-            drop(file);
-            std::fs::rename(&tmp, &path)?;
-            cache.evict(opts.cache_bytes);
-            Ok(())
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut framed = Vec::with_capacity(buf.len() + 64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+        framed.clear();
+        band.encode(&mut framed, 1, &buf[..n]);
+        sink.write(&framed)?;
     }
+    tracing::debug!(key = %cache.key, hit, "sent a cached pack");
+    Ok(())
 }
 
+/// How pack bytes and progress are framed for the client.
+#[derive(Debug, Clone, Copy)]
+struct Framing {
+    band: Band,
+    progress: bool,
+}
+
+/// Build a pack with libgit2. Its bytes go to `tee` (the pack cache) if given, and to
+/// the client when `stream`.
 fn write_pack(
     repo: &Repository,
     sel: &Selection<'_>,
     opts: &PackOptions,
-    band: Band,
-    progress: bool,
+    framing: Framing,
     sink: &mut Sink,
     mut tee: Option<&mut std::fs::File>,
+    stream: bool,
 ) -> Result<(), GitError> {
+    let Framing { band, progress } = framing;
     let started = Instant::now();
     crate::metrics::Counters::inc(&opts.counters.packs_built);
     let mut pb = repo.packbuilder()?;
@@ -1022,6 +1063,7 @@ fn write_pack(
     }
     let mut chunk = Vec::with_capacity(64 * 1024);
     let mut failed = false;
+    let mut tee_failed = false;
     let mut first = true;
     pb.foreach(|data| {
         if first && progress {
@@ -1039,9 +1081,12 @@ fn write_pack(
         }
         if let Some(f) = tee.as_mut() {
             if f.write_all(data).is_err() {
-                // The cache copy failed; the client still gets its pack.
-                tee = None;
+                tee_failed = true;
+                return false;
             }
+        }
+        if !stream {
+            return true;
         }
         chunk.clear();
         band.encode(&mut chunk, 1, data);
@@ -1054,12 +1099,19 @@ fn write_pack(
     .map_err(|e| {
         if failed {
             GitError::Disconnected
+        } else if tee_failed {
+            GitError::Io(io::Error::other("writing the pack cache failed"))
         } else {
             e.into()
         }
     })?;
     if failed {
         return Err(GitError::Disconnected);
+    }
+    if tee_failed {
+        return Err(GitError::Io(io::Error::other(
+            "writing the pack cache failed",
+        )));
     }
     tracing::debug!(
         objects = total,

@@ -643,3 +643,27 @@ fn full_clone_packs_are_reused_until_a_ref_moves() -> Result<()> {
     assert_eq!(packs, 3);
     Ok(())
 }
+
+#[test]
+fn clones_work_when_the_pack_cache_cannot_be_written() -> Result<()> {
+    let s = TestServer::start()?;
+    // Something that is not a directory where the pack cache goes.
+    std::fs::write(s.config.cache_dir.join("packs"), b"not a directory")?;
+    s.create_agent("agent-nocache")?;
+    let tmp = tempfile::tempdir()?;
+    let w = clone(tmp.path(), &s.remote("agent-nocache"), "w", 2, &[])?;
+    let tip = commit_file(&w, "a.md", "a\n")?;
+    git(&w, &["push", "-q", "origin", "main"])?;
+    for v in [0u8, 2] {
+        let c = clone(
+            tmp.path(),
+            &s.remote("agent-nocache"),
+            &format!("c{v}"),
+            v,
+            &[],
+        )?;
+        assert_eq!(head(&c)?, tip);
+        git(&c, &["fsck", "--full"])?;
+    }
+    Ok(())
+}
