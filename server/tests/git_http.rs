@@ -667,3 +667,48 @@ fn clones_work_when_the_pack_cache_cannot_be_written() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn dulwich_clones_pushes_and_clones_shallow() -> Result<()> {
+    // A second, independent implementation of the protocol (Python). scripts/test
+    // installs it and sets REPOFS_TEST_PYTHON.
+    let Ok(python) = std::env::var("REPOFS_TEST_PYTHON") else {
+        anyhow::ensure!(
+            std::env::var("REPOFS_TEST_REQUIRE_PG").is_err(),
+            "REPOFS_TEST_PYTHON (a python with dulwich) is not set"
+        );
+        eprintln!("skipping: REPOFS_TEST_PYTHON is not set");
+        return Ok(());
+    };
+    let s = TestServer::start()?;
+    s.create_agent("agent-dul")?;
+    let tmp = tempfile::tempdir()?;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/dulwich_client.py"
+    );
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(s.remote("agent-dul"))
+        .arg(tmp.path())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "dulwich client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed = String::from_utf8(out.stdout)?.trim().to_string();
+    // git sees dulwich's push, and the block was synced from it.
+    let c = clone(tmp.path(), &s.remote("agent-dul"), "git", 2, &[])?;
+    assert_eq!(head(&c)?, pushed);
+    git(&c, &["fsck", "--full"])?;
+    let (st, body) = s.request(
+        "GET",
+        "/v1/agents/agent-dul/blocks/system/dulwich",
+        &[],
+        None,
+    )?;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("hello from dulwich"), "{body}");
+    Ok(())
+}
