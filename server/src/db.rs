@@ -13,6 +13,20 @@ pub const DEFAULT_ORG: &str = "org-00000000-0000-4000-8000-000000000000";
 /// The user of such requests.
 pub const DEFAULT_USER: &str = "user-00000000-0000-4000-8000-000000000000";
 
+/// `SELECT` of an agent's attached blocks, with the columns [`block_row`] decodes,
+/// followed by the given `WHERE` clause (the block is `b`, the attachment `ba`).
+macro_rules! select_agent_blocks {
+    ($where:literal) => {
+        concat!(
+            "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, ",
+            "CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ ",
+            "FROM blocks_agents ba JOIN block b ON b.id = ba.block_id ",
+            $where
+        )
+    };
+}
+pub(crate) use select_agent_blocks;
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -101,7 +115,6 @@ pub struct Block {
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
-    kind: DbKind,
 }
 
 /// Milliseconds since the epoch.
@@ -179,14 +192,9 @@ impl Db {
         } else {
             POSTGRES_MIGRATIONS.run(&pool).await?;
         }
-        let db = Db { pool, kind };
+        let db = Db { pool };
         db.ensure_defaults().await?;
         Ok(db)
-    }
-
-    /// The engine.
-    pub fn kind(&self) -> DbKind {
-        self.kind
     }
 
     /// The pool, for the sync layer's transactions.
@@ -365,11 +373,9 @@ impl Db {
 
     /// The blocks attached to an agent, by label.
     pub async fn agent_blocks(&self, agent_id: &str) -> Result<Vec<Block>, DbError> {
-        let rows = sqlx::query(
-            "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, \
-             CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
-             WHERE ba.agent_id = $1 AND b.is_deleted = FALSE ORDER BY ba.block_label",
-        )
+        let rows = sqlx::query(select_agent_blocks!(
+            "WHERE ba.agent_id = $1 AND b.is_deleted = FALSE ORDER BY ba.block_label"
+        ))
         .bind(agent_id)
         .fetch_all(&self.pool)
         .await?;
@@ -378,11 +384,9 @@ impl Db {
 
     /// One block of an agent by label.
     pub async fn agent_block(&self, agent_id: &str, label: &str) -> Result<Option<Block>, DbError> {
-        let row = sqlx::query(
-            "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, \
-             CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
-             WHERE ba.agent_id = $1 AND ba.block_label = $2 AND b.is_deleted = FALSE",
-        )
+        let row = sqlx::query(select_agent_blocks!(
+            "WHERE ba.agent_id = $1 AND ba.block_label = $2 AND b.is_deleted = FALSE"
+        ))
         .bind(agent_id)
         .bind(label)
         .fetch_optional(&self.pool)

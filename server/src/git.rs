@@ -910,7 +910,7 @@ fn write_pack(
     let client_has: HashSet<Oid> = sel.commons.iter().copied().collect();
     let simple = sel.shallow.is_none() && sel.filter.is_none() && sel.client_shallows.is_empty();
 
-    // Commits being sent, for include-tag.
+    // Commits being sent (general path only), for include-tag.
     let mut sent_commits: HashSet<Oid> = HashSet::new();
     if simple {
         let mut walk = repo.revwalk()?;
@@ -919,16 +919,6 @@ fn write_pack(
         }
         for h in sel.commons {
             walk.hide(*h)?;
-        }
-        if sel.include_tag {
-            let mut w2 = repo.revwalk()?;
-            for r in &roots {
-                w2.push(*r)?;
-            }
-            for h in sel.commons {
-                w2.hide(*h)?;
-            }
-            sent_commits.extend(w2.flatten());
         }
         pb.insert_walk(&mut walk)?;
     } else {
@@ -994,11 +984,12 @@ fn write_pack(
             }
         }
         let filter = sel.filter;
+        let odb = repo.odb()?;
         for c in &commits {
             let commit = repo.find_commit(*c)?;
             pb.insert_object(*c, None)?;
             if filter != Some(Filter::TreeZero) {
-                insert_tree(repo, &mut pb, commit.tree_id(), filter, &mut seen)?;
+                insert_tree(repo, &odb, &mut pb, commit.tree_id(), filter, &mut seen)?;
             }
         }
         sent_commits.extend(commits);
@@ -1029,7 +1020,19 @@ fn write_pack(
             let (Ok(tag), Ok(target)) = (to_oid(&r.oid), to_oid(peeled)) else {
                 continue;
             };
-            if sent_commits.contains(&target) || root_set.contains(&target) {
+            // Sent: in the commit set (general path), or reachable from a want and not
+            // from a common commit (revwalk path; a check per annotated tag instead of
+            // a second walk of the whole history).
+            let reaches = |from: &Oid| {
+                *from == target || repo.graph_descendant_of(*from, target).unwrap_or(false)
+            };
+            let sent = root_set.contains(&target)
+                || if simple {
+                    roots.iter().any(reaches) && !sel.commons.iter().any(reaches)
+                } else {
+                    sent_commits.contains(&target)
+                };
+            if sent {
                 insert_tag_chain(repo, &mut pb, tag)?;
             }
         }
@@ -1170,6 +1173,7 @@ fn mark_tree_seen(repo: &Repository, tree: Oid, seen: &mut HashSet<Oid>) -> Resu
 
 fn insert_tree(
     repo: &Repository,
+    odb: &git2::Odb<'_>,
     pb: &mut git2::PackBuilder<'_>,
     tree: Oid,
     filter: Option<Filter>,
@@ -1180,10 +1184,9 @@ fn insert_tree(
     }
     pb.insert_object(tree, None)?;
     let t = repo.find_tree(tree)?;
-    let odb = repo.odb()?;
     for e in t.iter() {
         match e.kind() {
-            Some(ObjectType::Tree) => insert_tree(repo, pb, e.id(), filter, seen)?,
+            Some(ObjectType::Tree) => insert_tree(repo, odb, pb, e.id(), filter, seen)?,
             Some(ObjectType::Blob) => {
                 let id = e.id();
                 if seen.contains(&id) {
@@ -1305,15 +1308,13 @@ pub fn receive_pack(
         read: 0,
         max: policy.max_bytes,
     };
-    // 1. The command list.
-    let mut head = Vec::new();
+    // 1. The command list. Packets are framed as they arrive and the list is parsed
+    // only when a flush ends a section (re-parsing on every read would be quadratic).
+    let mut head: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let req = loop {
-        if let Some(r) =
-            protocol::parse_receive_head(&head).map_err(|e| GitError::BadRequest(e.to_string()))?
-        {
-            break r;
-        }
+    let mut framed_to = 0;
+    let bad = |e: &dyn std::fmt::Display| GitError::BadRequest(e.to_string());
+    let req = 'read: loop {
         let n = body
             .read(&mut buf)
             .map_err(|e| io_to_git(e, policy.max_bytes))?;
@@ -1323,12 +1324,37 @@ pub fn receive_pack(
             ));
         }
         head.extend_from_slice(&buf[..n]);
+        loop {
+            match pktline::decode(&head[framed_to..]).map_err(|e| bad(&e))? {
+                pktline::Decoded::Incomplete { .. } => break,
+                pktline::Decoded::Complete { packet, consumed } => {
+                    framed_to += consumed;
+                    if packet == pktline::Packet::Flush {
+                        if let Some(r) = protocol::parse_receive_head(&head).map_err(|e| bad(&e))? {
+                            break 'read r;
+                        }
+                    }
+                }
+            }
+        }
         if head.len() > 16 << 20 {
             return Err(GitError::BadRequest(
                 "command list longer than 16 MiB".into(),
             ));
         }
     };
+    receive_rest(path, req, head, body, policy, buf)
+}
+
+/// The rest of a push once its command list is read: the pack, the checks, the refs.
+fn receive_rest(
+    path: &Path,
+    req: protocol::ReceiveRequest,
+    mut head: Vec<u8>,
+    mut body: Limited<impl Read>,
+    policy: &PushPolicy,
+    mut buf: Vec<u8>,
+) -> Result<PushOutcome, GitError> {
     let leftover = head.split_off(req.pack_offset);
     if req.commands.is_empty() {
         if !leftover.is_empty()
@@ -1731,12 +1757,6 @@ fn apply_atomic(repo: &Repository, cmds: &[RefCommand], msg: &str) -> Result<(),
     tx.commit()
 }
 
-/// The current commit of a branch, if any.
-pub fn branch_tip(path: &Path, refname: &str) -> Result<Option<HexOid>, GitError> {
-    let repo = open(path)?;
-    Ok(current_target(&repo, refname).map(hex))
-}
-
 // ---------------------------------------------------------------------------
 // blocks: push-time checks, sync plans, block writes
 
@@ -2041,4 +2061,36 @@ pub fn head_tip(path: &Path) -> Result<Option<HexOid>, GitError> {
     Ok(head_branch(&repo)
         .and_then(|b| current_target(&repo, &b))
         .map(hex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_cache_evicts_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache {
+            dir: dir.path(),
+            key: "k".into(),
+        };
+        let now = std::time::SystemTime::now();
+        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+            let p = dir.path().join(format!("{name}.pack"));
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(now - Duration::from_secs(100 - i as u64 * 10))
+                .unwrap();
+        }
+        cache.evict(2500);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["mid.pack", "new.pack"]);
+        cache.evict(0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

@@ -107,11 +107,6 @@ impl RunningServer {
         format!("http://{}", self.addr)
     }
 
-    /// Keep a background task alive with the server; aborted at shutdown.
-    pub fn add_task(&mut self, t: tokio::task::JoinHandle<()>) {
-        self.extra.push(t);
-    }
-
     /// Stop accepting, drain in-flight requests, flush the filesystem, unmount.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {

@@ -511,12 +511,9 @@ async fn apply_plan(
     for f in &plan.upserts {
         keep.insert(f.label.as_str());
         let p = &f.parsed;
-        let existing = sqlx::query(
-            "SELECT b.id, ba.block_label AS label, b.value, b.description, b.\"limit\" AS lim, \
-             CAST(CASE WHEN b.read_only THEN 1 ELSE 0 END AS BIGINT) AS read_only, b.metadata_ \
-             FROM blocks_agents ba JOIN block b ON b.id = ba.block_id \
-             WHERE ba.agent_id = $1 AND ba.block_label = $2",
-        )
+        let existing = sqlx::query(db::select_agent_blocks!(
+            "WHERE ba.agent_id = $1 AND ba.block_label = $2"
+        ))
         .bind(&agent.id)
         .bind(&f.label)
         .fetch_optional(&mut *tx)

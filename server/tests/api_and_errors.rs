@@ -729,3 +729,57 @@ impl Drop for Guard {
         }
     }
 }
+
+#[test]
+fn oversized_request_bodies_are_refused() -> Result<()> {
+    let s = TestServer::start()?;
+    s.create_agent("agent-huge")?;
+    let before = main_tip(&s, "agent-huge")?;
+    let zero = "0".repeat(40);
+    // A receive-pack command list that never ends (no flush), over 16 MiB: 400, and
+    // quickly (it is framed once, not re-parsed on every read).
+    let line = format!("{zero} {before} refs/heads/branch-name-padding-to-make-lines-long\n");
+    let one = format!("{:04x}{line}", line.len() + 4);
+    let mut body = Vec::with_capacity(17 << 20);
+    while body.len() < (17 << 20) {
+        body.extend_from_slice(one.as_bytes());
+    }
+    let t = std::time::Instant::now();
+    let (st, _, out) = s.request_full(
+        "POST",
+        "/v1/git/agent-huge/state.git/git-receive-pack",
+        &[],
+        Some(body),
+    )?;
+    assert_eq!(st, 400, "{}", String::from_utf8_lossy(&out));
+    assert!(String::from_utf8_lossy(&out).contains("longer than 16 MiB"));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    // upload-pack bodies are bounded at 64 MiB, before and after gzip.
+    let (st, _, _) = s.request_full(
+        "POST",
+        "/v1/git/agent-huge/state.git/git-upload-pack",
+        &[],
+        Some(vec![b'0'; (64 << 20) + 1]),
+    )?;
+    assert_eq!(st, 413);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![b'0'; 1 << 20];
+    for _ in 0..65 {
+        gz.write_all(&zeros)?;
+    }
+    let bomb = gz.finish()?;
+    assert!(bomb.len() < 1 << 20);
+    let (st, _, _) = s.request_full(
+        "POST",
+        "/v1/git/agent-huge/state.git/git-upload-pack",
+        &[("content-encoding", "gzip")],
+        Some(bomb),
+    )?;
+    assert_eq!(st, 413);
+    assert_eq!(main_tip(&s, "agent-huge")?, before);
+    Ok(())
+}

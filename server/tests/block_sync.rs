@@ -88,9 +88,7 @@ fn push_syncs_blocks_at_once(b: Backend) -> Result<()> {
     let Some(s) = TestServer::start_on(b)? else {
         return Ok(());
     };
-    s.create_agent("agent-s1")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-s1"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-s1", 2)?;
     write(&w, "system/human.md", b"---\ndescription: The human\nread_only: true\nmetadata: {team: core}\nlimit: 500\n---\nName: Ada\n")?;
     write(&w, "persona.md", b"I am helpful.\n")?;
     write(&w, "a/b/c/deep.md", b"deep\n")?;
@@ -185,9 +183,7 @@ both!(push_syncs_blocks_at_once);
 #[test]
 fn force_push_falls_back_to_a_full_comparison() -> Result<()> {
     let s = TestServer::start_with(|c| c.allow_non_fast_forward = true)?;
-    s.create_agent("agent-force")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-force"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-force", 2)?;
     write(&w, "x.md", b"x\n")?;
     write(&w, "y.md", b"y\n")?;
     commit_all(&w, "a")?;
@@ -217,9 +213,7 @@ fn frontmatter_edge_cases(b: Backend) -> Result<()> {
     let Some(s) = TestServer::start_on(b)? else {
         return Ok(());
     };
-    s.create_agent("agent-fm")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-fm"), "w", 0, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-fm", 0)?;
     let cases: &[(&str, &str, &str)] = &[
         ("none", "just text\n", "just text\n"),
         (
@@ -280,9 +274,7 @@ fn refused_pushes_change_nothing(b: Backend) -> Result<()> {
     let Some(s) = TestServer::start_on(b)? else {
         return Ok(());
     };
-    s.create_agent("agent-ref")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-ref"), "w", 2, &[])?;
+    let (tmp, w) = s.agent_clone("agent-ref", 2)?;
     write(&w, "human.md", b"ok\n")?;
     commit_all(&w, "ok")?;
     push(&w)?;
@@ -346,9 +338,7 @@ fn block_api_commits_and_syncs(b: Backend) -> Result<()> {
     let Some(s) = TestServer::start_on(b)? else {
         return Ok(());
     };
-    s.create_agent("agent-api")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-api"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-api", 2)?;
     write(
         &w,
         "system/human.md",
@@ -526,9 +516,7 @@ fn api_writes_racing_git_pushes_lose_nothing(b: Backend) -> Result<()> {
     let Some(s) = TestServer::start_on(b)? else {
         return Ok(());
     };
-    s.create_agent("agent-race")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-race"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-race", 2)?;
     let url = s.url.clone();
     let mut api_ok = 0;
     let mut api_conflict = 0;
@@ -593,9 +581,7 @@ both!(api_writes_racing_git_pushes_lose_nothing);
 #[test]
 fn push_straight_into_the_mount_syncs() -> Result<()> {
     let s = TestServer::start()?;
-    s.create_agent("agent-mnt")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-mnt"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-mnt", 2)?;
     write(&w, "direct.md", b"written through the mount\n")?;
     commit_all(&w, "direct")?;
     let repo = s.mount().join(format!("{ORG}/agent-mnt/repo.git"));
@@ -616,9 +602,7 @@ fn lost_events_are_recovered_at_start() -> Result<()> {
     // Ref updates made while the server is down (its events are lost): a plain repofs
     // mount of the same store takes a push; the restarted server catches up.
     let s = TestServer::start()?;
-    s.create_agent("agent-lost")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-lost"), "w", 2, &[])?;
+    let (tmp, w) = s.agent_clone("agent-lost", 2)?;
     let store = s.config.store_url.clone();
     let home = s.stop()?;
     let mut cfg = repofs::mount::MountConfig::new(store, tmp.path().join("side-mnt"));
@@ -855,9 +839,7 @@ impl Drop for MountCleanup {
 #[test]
 fn failing_syncs_retry_and_show_their_error() -> Result<()> {
     let s = TestServer::start_with(|c| c.sync_timeout = Duration::from_secs(1))?;
-    s.create_agent("agent-fail")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-fail"), "w", 2, &[])?;
+    let (_tmp, w) = s.agent_clone("agent-fail", 2)?;
     let db = s.srv().state().db.clone();
     // Break the database under the sync: its table is gone.
     s.rt.block_on(

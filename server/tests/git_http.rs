@@ -7,8 +7,6 @@ use anyhow::Result;
 use common::*;
 use std::path::Path;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 fn head(dir: &Path) -> Result<String> {
     Ok(git(dir, &["rev-parse", "HEAD"])?.trim().to_string())
 }
@@ -587,7 +585,6 @@ fn two_servers_sharing_a_store_never_serve_stale_refs() -> Result<()> {
     git(&wb, &["push", "-q", "origin", "main"])?;
     assert!(ls_remote(tmp.path(), &a.remote("agent-two"), 0)?
         .contains(&format!("{tip}\trefs/heads/main")));
-    let _ = ZERO;
     Ok(())
 }
 
@@ -649,9 +646,7 @@ fn clones_work_when_the_pack_cache_cannot_be_written() -> Result<()> {
     let s = TestServer::start()?;
     // Something that is not a directory where the pack cache goes.
     std::fs::write(s.config.cache_dir.join("packs"), b"not a directory")?;
-    s.create_agent("agent-nocache")?;
-    let tmp = tempfile::tempdir()?;
-    let w = clone(tmp.path(), &s.remote("agent-nocache"), "w", 2, &[])?;
+    let (tmp, w) = s.agent_clone("agent-nocache", 2)?;
     let tip = commit_file(&w, "a.md", "a\n")?;
     git(&w, &["push", "-q", "origin", "main"])?;
     for v in [0u8, 2] {
@@ -674,8 +669,8 @@ fn dulwich_clones_pushes_and_clones_shallow() -> Result<()> {
     // installs it and sets REPOFS_TEST_PYTHON.
     let Ok(python) = std::env::var("REPOFS_TEST_PYTHON") else {
         anyhow::ensure!(
-            std::env::var("REPOFS_TEST_REQUIRE_PG").is_err(),
-            "REPOFS_TEST_PYTHON (a python with dulwich) is not set"
+            std::env::var("REPOFS_TEST_REQUIRE_DULWICH").is_err(),
+            "REPOFS_TEST_REQUIRE_DULWICH is set but REPOFS_TEST_PYTHON (a python with dulwich) is not"
         );
         eprintln!("skipping: REPOFS_TEST_PYTHON is not set");
         return Ok(());
@@ -710,5 +705,78 @@ fn dulwich_clones_pushes_and_clones_shallow() -> Result<()> {
     )?;
     assert_eq!(st, 200, "{body}");
     assert!(body.contains("hello from dulwich"), "{body}");
+    Ok(())
+}
+
+/// The pack bytes of a side-band-64k upload-pack response.
+fn demux_pack(resp: &[u8]) -> Vec<u8> {
+    let mut pack = Vec::new();
+    let mut i = 0;
+    while i + 4 <= resp.len() {
+        let len = usize::from_str_radix(std::str::from_utf8(&resp[i..i + 4]).unwrap(), 16).unwrap();
+        if len < 4 {
+            i += 4;
+            continue;
+        }
+        let payload = &resp[i + 4..i + len];
+        if payload.first() == Some(&1) {
+            pack.extend_from_slice(&payload[1..]);
+        }
+        i += len;
+    }
+    pack
+}
+
+#[test]
+fn include_tag_sends_annotated_tags_of_sent_commits_only() -> Result<()> {
+    let s = TestServer::start()?;
+    let (tmp, w) = s.agent_clone("agent-tags", 2)?;
+    let old = commit_file(&w, "a.md", "a\n")?;
+    git(&w, &["tag", "-a", "old-tag", "-m", "on the old commit"])?;
+    let new = commit_file(&w, "b.md", "b\n")?;
+    git(&w, &["tag", "-a", "new-tag", "-m", "on the new commit"])?;
+    git(&w, &["push", "-q", "origin", "main", "old-tag", "new-tag"])?;
+    let tag_id = |t: &str| -> Result<String> { Ok(git(&w, &["rev-parse", t])?.trim().to_string()) };
+    let (old_tag, new_tag) = (tag_id("old-tag")?, tag_id("new-tag")?);
+    // Want the new commit, have the old one: only new-tag rides along.
+    let pkt = |l: String| format!("{:04x}{l}", l.len() + 4);
+    for (caps, expect_tag) in [(" include-tag", true), ("", false)] {
+        let body = format!(
+            "{}0000{}{}",
+            pkt(format!("want {new} side-band-64k ofs-delta{caps}\n")),
+            pkt(format!("have {old}\n")),
+            pkt("done\n".into())
+        );
+        let (st, _, resp) = s.request_full(
+            "POST",
+            "/v1/git/agent-tags/state.git/git-upload-pack",
+            &[],
+            Some(body.into_bytes()),
+        )?;
+        assert_eq!(st, 200);
+        let pack = demux_pack(&resp);
+        assert_eq!(&pack[..4], b"PACK");
+        let r = tmp.path().join(format!("idx-{expect_tag}"));
+        git(tmp.path(), &["init", "-q", "--bare", r.to_str().unwrap()])?;
+        let mut child = git_cmd(&r, &["index-pack", "--stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &pack)?;
+        let hash = String::from_utf8(child.wait_with_output()?.stdout)?;
+        let hash = hash.split_whitespace().last().unwrap_or("").to_string();
+        let idx = r.join(format!("objects/pack/pack-{hash}.idx"));
+        let listing = git(&r, &["verify-pack", "-v", idx.to_str().unwrap()])?;
+        assert_eq!(
+            listing.contains(&new_tag),
+            expect_tag,
+            "{caps:?}:\n{listing}"
+        );
+        assert!(
+            !listing.contains(&old_tag),
+            "old-tag's commit was not sent:\n{listing}"
+        );
+        assert!(listing.contains(&new));
+    }
     Ok(())
 }

@@ -84,6 +84,15 @@ impl TestServer {
         Ok(())
     }
 
+    /// Create an agent and clone its repository (protocol `version`) into a new
+    /// temporary directory; returns the directory and the work tree.
+    pub fn agent_clone(&self, agent: &str, version: u8) -> Result<(tempfile::TempDir, PathBuf)> {
+        self.create_agent(agent)?;
+        let tmp = tempfile::tempdir()?;
+        let w = clone(tmp.path(), &self.remote(agent), "w", version, &[])?;
+        Ok((tmp, w))
+    }
+
     /// One HTTP request with reqwest; returns (status, body).
     pub fn request(
         &self,
